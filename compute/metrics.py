@@ -1,0 +1,40 @@
+"""Prometheus metrics of compute, served on its own port (a thread: answers even if the loop stalls)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from compute.pool import PoolStats
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class CallMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter("offload_compute_calls", "RPCs served, by status code", ["method", "code"], registry=registry)
+        self.seconds = Histogram(
+            "offload_compute_call_seconds", "RPC latency inside compute", ["method"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+
+
+class PoolCollector(Collector):
+    """Reads pool and table figures at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, pool_stats: Callable[[], PoolStats | None], table_bytes: Callable[[], int]) -> None:
+        self._pool_stats = pool_stats
+        self._table_bytes = table_bytes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("offload_cache_bytes", "Bytes of the shared table", value=self._table_bytes())
+        stats = self._pool_stats()
+        if stats is None:
+            return
+        yield GaugeMetricFamily("offload_pool_size", "Pool worker processes", value=stats.size)
+        yield GaugeMetricFamily("offload_pool_busy", "Workers running a task", value=stats.busy)
+        yield GaugeMetricFamily("offload_pool_queued", "Tasks waiting for a worker", value=stats.queued)
+        yield GaugeMetricFamily("offload_pool_healthy", "1 when the pool serves, 0 while rebuilding", value=int(stats.healthy))
+        yield GaugeMetricFamily("offload_pool_rebuilds", "Pool rebuilds after a worker died", value=stats.rebuilds)

@@ -1,0 +1,67 @@
+"""How an operation is declared: one function, marked light or heavy, named by its RPC.
+
+    @light("offload.v1.ComputeService.GetItem")
+    def get_item(request, runtime): ...          # runs on the event loop: must be fast
+
+    @heavy("offload.v1.ComputeService.Search", validate=check_search)
+    def search(request, task): ...               # runs in a pool worker with the shared table
+
+The decorators only tag the function; `collect()` gathers the tagged functions of the
+modules listed in settings. The servicer derives everything else (request/response types,
+streaming, error mapping, deadlines, admission) from the proto descriptors.
+Light functions may be `def`, `async def` or async generators (server-streaming RPCs).
+Heavy functions must be module-level (pool workers import them by name) and never import grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+_TAG = "__offload_operation__"
+
+
+class Kind(enum.Enum):
+    LIGHT = "light"
+    HEAVY = "heavy"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    method: str  # full proto name: "package.Service.Method"
+    fn: Callable[..., Any]
+    kind: Kind
+    # Heavy only: runs on the loop before admission, raises InvalidArgument (cheap checks).
+    validate: Callable[[Any, Any], None] | None = None
+
+
+def light(method: str) -> Callable[[Callable], Callable]:
+    def mark(fn: Callable) -> Callable:
+        setattr(fn, _TAG, Operation(method, fn, Kind.LIGHT))
+        return fn
+
+    return mark
+
+
+def heavy(method: str, *, validate: Callable[[Any, Any], None] | None = None) -> Callable[[Callable], Callable]:
+    def mark(fn: Callable) -> Callable:
+        setattr(fn, _TAG, Operation(method, fn, Kind.HEAVY, validate))
+        return fn
+
+    return mark
+
+
+def collect(module_names: Iterable[str]) -> dict[str, Operation]:
+    """Import the modules and return their operations by method name (duplicates refused)."""
+    operations: dict[str, Operation] = {}
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            op = getattr(value, _TAG, None)
+            if isinstance(op, Operation) and op.fn is value:
+                if op.method in operations and operations[op.method].fn is not op.fn:
+                    raise ValueError(f"two operations for {op.method}")
+                operations[op.method] = op
+    return operations

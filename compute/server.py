@@ -1,0 +1,231 @@
+"""ComputeServer: assembles table, pool, gRPC server, health, reflection, metrics, heartbeat.
+
+Start-up order matters:
+  1. sweep stale segments, start the forkserver (before any gRPC object: grpc#16001);
+  2. listen, with health NOT_SERVING, so orchestrators see "alive, not ready";
+  3. build the table in a thread (the loop keeps answering health), then start the pool;
+  4. SERVING.
+SIGTERM/SIGINT: NOT_SERVING, new calls refused, in-flight calls get `drain_grace_seconds`,
+the pool stops, the segments are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from compute import pool as pool_module
+from compute import registry, shm
+from compute.metrics import CallMetrics, PoolCollector
+from compute.pool import HealingPool
+from compute.runtime import Runtime
+from compute.servicer import Dispatcher
+from compute.settings import ComputeSettings
+from compute.table import EmbeddingTable
+from offload.heartbeat import Heartbeat
+
+log = logging.getLogger("compute.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ComputeServer:
+    """`await serve()` runs until SIGTERM/SIGINT; or `start()` then `stop()` (tests)."""
+
+    def __init__(self, settings: ComputeSettings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.table: EmbeddingTable | None = None
+        self.pool: HealingPool | None = None
+        self.runtime: Runtime | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.bound_port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._dispatcher: Dispatcher | None = None
+        self._metrics_httpd = None
+        self._readiness_task: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._started = False
+        self._stopped = False
+        self._draining = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Call once. Returns when the server is SERVING."""
+        if self._started:
+            raise RuntimeError("ComputeServer already started")
+        self._started = True
+        settings = self.settings
+        started = time.perf_counter()
+
+        shm.sweep_stale(settings.shm_dir)
+        pool_module.prepare(settings.blas_threads)
+        operations = registry.collect(settings.operation_modules)
+        self._dispatcher = Dispatcher(operations, CallMetrics(self.registry))
+        self.heartbeat = Heartbeat(
+            interval=settings.heartbeat_interval,
+            stall_threshold=settings.stall_threshold,
+            inflight=lambda: list(self._dispatcher.inflight.values()),
+            registry=self.registry,
+        )
+        self.heartbeat.start()
+        self.registry.register(
+            PoolCollector(lambda: self.pool.stats() if self.pool else None, lambda: self.table.nbytes if self.table else 0)
+        )
+        self._start_metrics_http()
+        await self._start_grpc(self._dispatcher)
+
+        self.table = await asyncio.to_thread(
+            EmbeddingTable.build,
+            settings.shm_dir,
+            rows=settings.rows,
+            dim=settings.dim,
+            seed=settings.seed,
+            vectors_path=settings.vectors_path,
+            ids_path=settings.ids_path,
+        )
+        self.pool = HealingPool(
+            table_spec=self.table.spec,
+            shm_dir=settings.shm_dir,
+            size=settings.pool_size,
+            max_inflight=settings.max_inflight,
+            nice=settings.worker_nice,
+            log_level=settings.log_level,
+            chunk_rows=settings.search_chunk_rows,
+            backoff=settings.rebuild_backoff_seconds,
+            backoff_max=settings.rebuild_backoff_max_seconds,
+            backoff_reset=settings.rebuild_reset_seconds,
+        )
+        await self.pool.start()
+        self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat)
+        self._dispatcher.activate(self.runtime)
+        await self._update_health()
+        self._readiness_task = asyncio.get_running_loop().create_task(self._watch_readiness())
+        log.info(
+            "compute ready",
+            extra={
+                "address": settings.address,
+                "port": self.bound_port,
+                "metrics_port": self.metrics_port,
+                "services": self._dispatcher.service_names(),
+                "pool_workers": self.pool.worker_pids(),
+                "startup_seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    async def serve(self) -> None:
+        """Start, wait for SIGTERM/SIGINT, drain, stop."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop_requested.set)  # signals only set a flag
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and release everything. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._draining = True
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        log.info("compute draining", extra={"grace_seconds": grace})
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+        await self._set_health(NOT_SERVING)
+        if self._server is not None:
+            # New calls are refused at once; in-flight calls get `grace` seconds.
+            await self._server.stop(grace)
+        if self._dispatcher is not None:
+            self._dispatcher.ready = False
+        if self.pool is not None:
+            await self.pool.stop()
+        if self.table is not None:
+            self.table.unlink()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        log.info("compute stopped")
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    async def _start_grpc(self, dispatcher: Dispatcher) -> None:
+        settings = self.settings
+        limit = settings.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second compute on the same port must fail, not share it
+            ]
+        )
+        self._server.add_generic_rpc_handlers(dispatcher.handlers())
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = dispatcher.service_names()
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        if settings.tls_cert_file is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
+                require_client_auth=settings.tls_client_ca_file is not None,
+            )
+            self.bound_port = self._server.add_secure_port(settings.address, credentials)
+        else:
+            self.bound_port = self._server.add_insecure_port(settings.address)
+        await self._set_health(NOT_SERVING)
+        await self._server.start()
+
+    def _start_metrics_http(self) -> None:
+        if self.settings.metrics_port is None:
+            return
+        started = start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.registry)
+        self._metrics_httpd = started[0] if isinstance(started, tuple) else None
+        if self._metrics_httpd is not None:
+            self.metrics_port = self._metrics_httpd.server_port
+
+    def _serving(self) -> bool:
+        return (
+            not self._draining
+            and self.pool is not None
+            and self.pool.healthy
+            and self.heartbeat is not None
+            and self.heartbeat.healthy
+        )
+
+    async def _set_health(self, status: int) -> None:
+        names = self._dispatcher.service_names() if self._dispatcher else []
+        for name in ("", *names):
+            await self._health.set(name, status)
+
+    async def _update_health(self) -> None:
+        await self._set_health(SERVING if self._serving() else NOT_SERVING)
+
+    async def _watch_readiness(self) -> None:
+        """Health follows the pool (rebuilding) and the loop (lagging)."""
+        last = None
+        while True:
+            serving = self._serving()
+            if serving != last:
+                await self._set_health(SERVING if serving else NOT_SERVING)
+                if last is not None:
+                    log.warning("readiness changed", extra={"serving": serving})
+                last = serving
+            await asyncio.sleep(0.1)

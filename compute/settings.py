@@ -1,0 +1,82 @@
+"""Compute settings: one object, built in the entry point and passed down.
+
+Every field is an environment variable `OFFLOAD_COMPUTE_<FIELD>` (or a line in `.env`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _is_loopback(address: str) -> bool:
+    if address.startswith("unix:") or address.startswith("unix-abstract:"):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ComputeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OFFLOAD_COMPUTE_", env_file=".env", extra="ignore")
+
+    # -- serving ---------------------------------------------------------------------------
+    address: str = Field("127.0.0.1:50051", description="gRPC listen address: host:port or unix:/path.sock")
+    tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS")
+    tls_key_file: Path | None = Field(None, description="Server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(None, description="CA for client certificates; enables mTLS")
+    metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics listen host")
+    metrics_port: int | None = Field(9101, description="Prometheus /metrics port (0 = any free port, unset = off)")
+    max_message_bytes: int = Field(4 * 1024 * 1024, description="Largest gRPC message accepted or sent")
+    drain_grace_seconds: float = Field(10.0, description="On SIGTERM, how long in-flight calls may finish")
+    operation_modules: list[str] = Field(
+        ["compute.operations"],
+        description="Modules whose @light/@heavy functions are served (add yours here)",
+    )
+    log_level: str = Field("INFO", description="Log level for compute and its pool workers")
+
+    # -- the embedding table ---------------------------------------------------------------
+    rows: int = Field(100_000, ge=1, description="Synthetic table: number of vectors")
+    dim: int = Field(128, ge=1, le=65536, description="Synthetic table: vector dimension")
+    seed: int = Field(42, description="Synthetic table: random seed (same seed, same table)")
+    vectors_path: Path | None = Field(None, description="Your own table: a 2-D float .npy file (rows x dim)")
+    ids_path: Path | None = Field(None, description="Ids for vectors_path: UTF-8 text, one id per line")
+    shm_dir: Path = Field(Path("/dev/shm"), description="Where shared-memory segments live")
+
+    # -- the pool ---------------------------------------------------------------------------
+    pool_size: int = Field(max(1, os.cpu_count() or 1), ge=1, description="Pool worker processes")
+    blas_threads: int = Field(1, ge=1, description="BLAS threads per pool worker")
+    worker_nice: int = Field(10, ge=0, le=19, description="Niceness added to pool workers")
+    max_inflight: int = Field(16, ge=1, description="Heavy calls running + queued; beyond: RESOURCE_EXHAUSTED")
+    max_k: int = Field(1000, ge=1, description="Largest k for Search")
+    search_chunk_rows: int = Field(32768, ge=256, description="Rows scanned between cancellation checks")
+    rebuild_backoff_seconds: float = Field(0.2, gt=0, description="First delay before re-rebuilding a crashing pool")
+    rebuild_backoff_max_seconds: float = Field(30.0, gt=0, description="Cap of that delay (doubles per crash)")
+    rebuild_reset_seconds: float = Field(60.0, gt=0, description="Crash-free time after which backoff resets")
+
+    # -- heartbeat ------------------------------------------------------------------------
+    heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
+    stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ComputeSettings":
+        if not _is_loopback(self.address) and self.tls_cert_file is None:
+            raise ValueError(
+                f"refusing to listen on non-loopback address {self.address!r} without TLS: "
+                "set OFFLOAD_COMPUTE_TLS_CERT_FILE and OFFLOAD_COMPUTE_TLS_KEY_FILE"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        if self.ids_path is not None and self.vectors_path is None:
+            raise ValueError("ids_path needs vectors_path")
+        if self.stall_threshold <= self.heartbeat_interval:
+            raise ValueError("stall_threshold must be larger than heartbeat_interval")
+        return self

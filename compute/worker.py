@@ -1,0 +1,109 @@
+"""Code that runs inside pool worker processes. Never imports grpc (grpc#16001).
+
+Each worker attaches the table read-only in its initializer (milliseconds: it maps pages,
+copies nothing) and the small control segment through which compute asks a running task to
+stop. A task receives a `TaskContext`; heavy operations call `task.check()` between chunks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from compute import shm
+from compute.errors import Cancelled, DeadlineExceeded
+from compute.table import EmbeddingTable, TableSpec
+from offload import context, logs
+
+CANCEL_REQUESTED = 1
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMeta:
+    """The task envelope: what crosses into the worker besides the request itself."""
+
+    request_id: str
+    traceparent: str
+    deadline: float | None  # wall clock (time.time()); None = no deadline
+    slot: int  # index of this task's cancel flag
+
+
+class TaskContext:
+    """What a heavy operation gets: the shared table and a way to notice it should stop."""
+
+    def __init__(self, table: EmbeddingTable, meta: TaskMeta, flags: np.ndarray, chunk_rows: int) -> None:
+        self.table = table
+        self.meta = meta
+        self.chunk_rows = chunk_rows
+        self._flags = flags
+
+    @property
+    def request_id(self) -> str:
+        return self.meta.request_id
+
+    def cancelled(self) -> bool:
+        return bool(self._flags[self.meta.slot] == CANCEL_REQUESTED)
+
+    def check(self) -> None:
+        """Raise if the call was cancelled or its deadline passed. Cheap: call it often."""
+        if self._flags[self.meta.slot] == CANCEL_REQUESTED:
+            raise Cancelled("the call was cancelled")
+        if self.meta.deadline is not None and time.time() > self.meta.deadline:
+            raise DeadlineExceeded("the deadline passed while the work was running")
+
+
+@dataclass(slots=True)
+class _WorkerState:
+    table: EmbeddingTable
+    flags: np.ndarray
+    chunk_rows: int
+
+
+# This process's state. One per worker process, set once by `initialize` (the pool's
+# initializer): a ProcessPoolExecutor offers no other place to keep it.
+_state: _WorkerState | None = None
+
+
+def initialize(table_spec: TableSpec, control_spec: shm.ArraySpec, nice: int, log_level: str, chunk_rows: int) -> None:
+    global _state
+    # Ctrl-C / SIGTERM reach the whole process group; compute decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    if nice:
+        os.nice(nice)  # serving loops get the CPU first
+    logs.configure("compute-worker", log_level)
+    _state = _WorkerState(EmbeddingTable.attach(table_spec), shm.attach(control_spec), chunk_rows)
+
+
+def _die_with_parent() -> None:
+    """If compute (and so the forkserver, our parent) dies, die too: never hold the table alone."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # parent died before prctl took effect
+        os._exit(1)
+
+
+def ping(delay: float = 0.0) -> int:
+    time.sleep(delay)
+    return os.getpid()
+
+
+def run(fn, request, meta: TaskMeta):
+    """Run one heavy operation. Work whose deadline already passed is never started."""
+    assert _state is not None, "worker not initialized"
+    if meta.deadline is not None and time.time() > meta.deadline:
+        raise DeadlineExceeded("the deadline passed before the work started; it was not run")
+    task = TaskContext(_state.table, meta, _state.flags, _state.chunk_rows)
+    with context.bound(context.RequestContext(meta.request_id, meta.traceparent)):
+        task.check()
+        return fn(request, task)

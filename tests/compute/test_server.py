@@ -1,0 +1,110 @@
+"""compute end to end: a real `python -m compute` process over a unix socket."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+
+from compute.search import top_k
+from compute.table import EmbeddingTable, normalised_query
+from offload.v1 import compute_pb2, compute_pb2_grpc, search_pb2
+from tests.conftest import ROOT, wait_until
+
+
+def stub(compute):
+    return compute_pb2_grpc.ComputeServiceStub(compute.channel())
+
+
+def reference_table(tmp_path, rows, dim, seed=42) -> EmbeddingTable:
+    """The same deterministic synthetic table compute builds, in-process."""
+    return EmbeddingTable.build(tmp_path, rows=rows, dim=dim, seed=seed)
+
+
+def test_get_item_and_not_found(shared_compute, tmp_path):
+    table = reference_table(tmp_path, 2000, 16)
+    item = stub(shared_compute).GetItem(compute_pb2.GetItemRequest(id="item-1234"))
+    assert item.id == "item-1234"
+    np.testing.assert_array_equal(np.array(item.vector, dtype=np.float32), table.vectors[table.row_of("item-1234")])
+    with pytest.raises(grpc.RpcError) as info:
+        stub(shared_compute).GetItem(compute_pb2.GetItemRequest(id="no-such-item"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-item" not in info.value.details()  # input is never echoed
+
+
+def test_search_matches_numpy_reference(shared_compute, tmp_path):
+    table = reference_table(tmp_path, 2000, 16)
+    rng = np.random.default_rng(7)
+    for k in (1, 10, 1000):
+        query = rng.standard_normal(16).astype(np.float32)
+        response = stub(shared_compute).Search(search_pb2.SearchRequest(vector=query.tolist(), k=k))
+        unit = normalised_query(query.tolist(), 16)
+        scores = table.vectors @ unit
+        expected = np.lexsort((table.ids, -scores))[:k]
+        assert [hit.id for hit in response.hits] == [table.id_at(row) for row in expected]
+        np.testing.assert_allclose([hit.score for hit in response.hits], scores[expected], rtol=0, atol=1e-6)
+        assert [h.id for h in response.hits] == [table.id_at(r) for r, _ in top_k(table.vectors, table.ids, unit, k)]
+
+
+@pytest.mark.parametrize(
+    "vector, k, fragment",
+    [
+        ([1.0] * 15, 5, "must have 16 values"),
+        ([], 5, "empty"),
+        ([float("nan")] + [1.0] * 15, 5, "NaN"),
+        ([float("inf")] + [1.0] * 15, 5, "NaN or Infinity"),
+        ([0.0] * 16, 5, "zero length"),
+        ([1.0] * 16, 0, "k must be between 1 and"),
+        ([1.0] * 16, 1001, "k must be between 1 and"),
+    ],
+)
+def test_search_validation(shared_compute, vector, k, fragment):
+    with pytest.raises(grpc.RpcError) as info:
+        stub(shared_compute).Search(search_pb2.SearchRequest(vector=vector, k=k))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in info.value.details()
+
+
+def test_oversized_message_is_refused(shared_compute):
+    huge = search_pb2.SearchRequest(vector=[1.0] * 2_000_000, k=1)  # 8 MB > 4 MiB limit
+    with pytest.raises(grpc.RpcError) as info:
+        stub(shared_compute).Search(huge)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_stats(shared_compute):
+    stats = stub(shared_compute).GetStats(compute_pb2.GetStatsRequest())
+    assert (stats.cache.rows, stats.cache.dim) == (2000, 16)
+    assert stats.cache.bytes >= 2000 * 16 * 4
+    assert stats.pool.size == 2 and stats.pool.healthy
+    assert not stats.loop.stalled
+
+
+def test_sigterm_drains_and_removes_shared_memory(compute):
+    assert any(compute.shm_dir.iterdir()), "compute should have created its segments"
+    assert compute.health("offload.v1.ComputeService") == health_pb2.HealthCheckResponse.SERVING
+    compute.signal(signal.SIGTERM)
+    assert compute.proc.wait(30) == 0
+    assert list(compute.shm_dir.iterdir()) == []
+    records = compute.log_records()
+    assert any(r["msg"] == "compute stopped" for r in records)
+
+
+def test_refuses_non_loopback_without_tls():
+    env = {"OFFLOAD_COMPUTE_ADDRESS": "0.0.0.0:50999", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "compute"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "without TLS" in result.stderr
+
+
+def test_pool_workers_never_import_grpc(compute):
+    """Workers fork from the forkserver, which preloads compute.worker only."""
+    wait_until(lambda: len(compute.worker_pids()) == 2, 10, message="two workers")
+    for pid in compute.worker_pids():
+        maps = open(f"/proc/{pid}/maps").read()
+        assert "cygrpc" not in maps, f"worker {pid} has grpc loaded"
