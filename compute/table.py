@@ -140,6 +140,13 @@ class EmbeddingTable:
         return self.ids[row].decode("utf-8")
 
 
+def synthetic_arrays(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic table as private arrays (vectors, ids): what a naive design holds per process."""
+    vectors = np.empty((rows, dim), dtype=np.float32)
+    _fill_synthetic(vectors, seed)
+    return vectors, _synthetic_ids(rows)
+
+
 def _synthetic_ids(rows: int) -> np.ndarray:
     return np.char.add(b"item-", np.arange(rows).astype("S"))
 
