@@ -7,6 +7,7 @@ compute builds them once; pool workers attach the same pages read-only: one copy
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class EmbeddingTable:
             for spec in created:
                 shm.unlink(spec)
             raise
+        _release_freed_memory()
         source = str(vectors_path) if vectors_path is not None else f"synthetic(rows={rows}, dim={dim}, seed={seed})"
         spec = TableSpec(vectors_spec, ids_spec, order_spec, generation, source)
         table = cls(spec, vectors, ids_array, order_array, owner=True)
@@ -138,6 +140,14 @@ class EmbeddingTable:
 
     def id_at(self, row: int) -> str:
         return self.ids[row].decode("utf-8")
+
+
+def _release_freed_memory() -> None:
+    """Give the build's temporaries (argsort, sorted ids) back to the OS: glibc keeps them otherwise."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def synthetic_arrays(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,107 @@
+"""A small gRPC client for compute, for people and scripts (grpcurl's job, without grpcurl).
+
+    python -m compute.client GetItem '{"id": "item-42"}'
+    python -m compute.client Search --like item-42 '{"k": 5}'
+    python -m compute.client GetStats
+    python -m compute.client health
+    python -m compute.client --list
+
+Any RPC of the loaded protos works, by short name (`Search`) or full name
+(`offload.v1.ComputeService.Search`); requests and responses are protobuf JSON.
+Server-streaming RPCs print one JSON object per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf import descriptor_pool, json_format, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from offload import context
+from offload.v1 import compute_pb2  # noqa: F401  (loads the ComputeService descriptors)
+
+DEFAULT_SERVICES = ("offload.v1.ComputeService",)
+
+
+def find_method(name: str, services=DEFAULT_SERVICES):
+    pool = descriptor_pool.Default()
+    if name.count(".") >= 2:
+        return pool.FindMethodByName(name)
+    for service_name in services:
+        method = pool.FindServiceByName(service_name).methods_by_name.get(name)
+        if method is not None:
+            return method
+    raise SystemExit(f"unknown method {name!r}; try --list")
+
+
+def call(channel: grpc.Channel, method, request_json: str, *, timeout: float, metadata) -> list[str]:
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    request = json_format.Parse(request_json or "{}", request_cls())
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    if method.server_streaming:
+        rpc = channel.unary_stream(path, request_cls.SerializeToString, response_cls.FromString)
+        return [json_format.MessageToJson(item, indent=None) for item in rpc(request, timeout=timeout, metadata=metadata)]
+    rpc = channel.unary_unary(path, request_cls.SerializeToString, response_cls.FromString)
+    return [json_format.MessageToJson(rpc(request, timeout=timeout, metadata=metadata), indent=2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compute.client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", nargs="?", help="RPC name, or 'health'")
+    parser.add_argument("request", nargs="?", default="{}", help="request as protobuf JSON ('-' reads stdin)")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="compute address (host:port or unix:/path)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    parser.add_argument("--request-id", default=None, help="x-request-id to send (generated if absent)")
+    parser.add_argument("--like", metavar="ITEM_ID", help="Search: use this item's vector as the query")
+    parser.add_argument("--list", action="store_true", help="list the RPCs")
+    args = parser.parse_intermixed_args(argv)
+
+    if args.list:
+        service = descriptor_pool.Default().FindServiceByName(DEFAULT_SERVICES[0])
+        for method in service.methods:
+            print(f"{method.name}({method.input_type.name}) -> {'stream ' if method.server_streaming else ''}{method.output_type.name}")
+        return 0
+    if not args.method:
+        parser.error("a method is required (or --list)")
+
+    channel = grpc.insecure_channel(args.address)
+    ctx = context.from_headers(args.request_id, None)
+    metadata = ((context.REQUEST_ID_HEADER, ctx.request_id), (context.TRACEPARENT_HEADER, ctx.traceparent))
+    try:
+        if args.method == "health":
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+            print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+            return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+        request_json = sys.stdin.read() if args.request == "-" else args.request
+        if args.like:
+            item = fetch_item(channel, args.like, args.timeout, metadata)
+            body = json.loads(request_json or "{}")
+            body["vector"] = list(item.vector)
+            request_json = json.dumps(body)
+        for line in call(channel, find_method(args.method), request_json, timeout=args.timeout, metadata=metadata):
+            print(line)
+        return 0
+    except json_format.ParseError as exc:
+        print(f"bad request JSON: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"{exc.code().name}: {exc.details()} (request id {ctx.request_id})", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+
+
+def fetch_item(channel: grpc.Channel, item_id: str, timeout: float, metadata):
+    rpc = channel.unary_unary(
+        "/offload.v1.ComputeService/GetItem", compute_pb2.GetItemRequest.SerializeToString, compute_pb2.Item.FromString
+    )
+    return rpc(compute_pb2.GetItemRequest(id=item_id), timeout=timeout, metadata=metadata)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
