@@ -194,7 +194,7 @@ class ComputeServer:
         await self._server.start()
 
     def _start_metrics_http(self) -> None:
-        if self.settings.metrics_port is None:
+        if self.settings.metrics_port < 0:
             return
         started = start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.registry)
         self._metrics_httpd = started[0] if isinstance(started, tuple) else None

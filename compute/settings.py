@@ -34,7 +34,7 @@ class ComputeSettings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="Server private key (PEM)")
     tls_client_ca_file: Path | None = Field(None, description="CA for client certificates; enables mTLS")
     metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics listen host")
-    metrics_port: int | None = Field(9101, description="Prometheus /metrics port (0 = any free port, unset = off)")
+    metrics_port: int = Field(9101, ge=-1, le=65535, description="Prometheus /metrics port (0 = any free port, -1 = off)")
     max_message_bytes: int = Field(4 * 1024 * 1024, description="Largest gRPC message accepted or sent")
     drain_grace_seconds: float = Field(10.0, description="On SIGTERM, how long in-flight calls may finish")
     operation_modules: list[str] = Field(
