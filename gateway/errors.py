@@ -1,0 +1,114 @@
+"""The one place where failures become HTTP responses.
+
+gRPC status -> HTTP status follows google/rpc/code.proto (its "HTTP Mapping" lines), and the
+body is AIP-193's `{"error": {"code", "status", "message", "request_id"}}`. Notes:
+- FAILED_PRECONDITION is 400, as code.proto says (not 412: that is for HTTP conditionals).
+- Messages of codes the gRPC library itself produces (UNAVAILABLE, DEADLINE_EXCEEDED,
+  CANCELLED, UNKNOWN, INTERNAL, DATA_LOSS) are replaced by fixed texts: the library's own text
+  names socket paths and addresses. Compute's domain messages (INVALID_ARGUMENT, NOT_FOUND...)
+  are meant for clients and pass through, truncated.
+- Responses never carry stack traces; the original detail is logged with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import orjson
+
+log = logging.getLogger("gateway.errors")
+
+_HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+_FIXED_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "compute is unavailable; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the request deadline expired before compute answered",
+    grpc.StatusCode.CANCELLED: "the request was cancelled",
+    grpc.StatusCode.UNKNOWN: "internal error",
+    grpc.StatusCode.INTERNAL: "internal error",
+    grpc.StatusCode.DATA_LOSS: "internal error",
+}
+
+_MAX_MESSAGE = 1024
+
+# Statuses raised by the gateway itself, by HTTP code.
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    413: "INVALID_ARGUMENT",
+    415: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+
+
+class ApiError(Exception):
+    """An error response: HTTP status, google.rpc status name, client-safe message."""
+
+    def __init__(self, http_status: int, status: str, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+    @classmethod
+    def http(cls, http_status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> "ApiError":
+        return cls(http_status, _STATUS_NAMES.get(http_status, "UNKNOWN"), message, headers)
+
+    def body(self, request_id: str) -> bytes:
+        return orjson.dumps(
+            {"error": {"code": self.http_status, "status": self.status, "message": self.message, "request_id": request_id}}
+        )
+
+
+def http_status_for(code: grpc.StatusCode) -> int:
+    return _HTTP_STATUS.get(code, 500)
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
+    """Map a failed call. RESOURCE_EXHAUSTED's `retry-after` trailer becomes Retry-After."""
+    code = exc.code()
+    message = _FIXED_MESSAGES.get(code)
+    if message is None:
+        message = (exc.details() or code.name.lower().replace("_", " "))[:_MAX_MESSAGE]
+    headers: list[tuple[bytes, bytes]] = []
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after = _retry_after(exc)
+        headers.append((b"retry-after", str(retry_after).encode()))
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        headers.append((b"retry-after", b"1"))
+    status = http_status_for(code)
+    if status >= 500:
+        log.warning("compute call failed", extra={"grpc_code": code.name, "grpc_detail": (exc.details() or "")[:_MAX_MESSAGE]})
+    return ApiError(status, code.name, message, headers)
+
+
+def _retry_after(exc: grpc.aio.AioRpcError) -> int:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after":
+            try:
+                return max(0, min(int(value), 3600))
+            except (TypeError, ValueError):
+                break
+    return 1

@@ -1,0 +1,205 @@
+"""OpenAPI 3.1 for the generated routes, from the same descriptors the routes come from.
+
+Schemas follow the JSON mapping the codec implements (64-bit integers are strings, enums are
+names, bytes base64, Timestamp date-time...), one component per message, named by its full proto
+name. Request bodies drop the fields bound by the path; every operation lists the error
+responses the gateway can produce, with the AIP-193 body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor as FD
+
+from gateway.json_codec import is_map
+from gateway.transcoding import Route, resolve_field
+
+ERROR_SCHEMA = "offload.Error"
+
+_SCALARS: dict[int, dict[str, Any]] = {
+    FD.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    FD.TYPE_FLOAT: {"type": "number", "format": "float"},
+    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"},
+    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"},
+    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"},
+    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": "^[0-9]+$"},
+    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": "^[0-9]+$"},
+    FD.TYPE_INT32: {"type": "integer", "format": "int32"},
+    FD.TYPE_SINT32: {"type": "integer", "format": "int32"},
+    FD.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
+    FD.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
+    FD.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
+    FD.TYPE_BOOL: {"type": "boolean"},
+    FD.TYPE_STRING: {"type": "string"},
+    FD.TYPE_BYTES: {"type": "string", "format": "byte"},
+}
+
+_WKT: dict[str, dict[str, Any]] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?s$", "example": "1.5s"},
+    "google.protobuf.FieldMask": {"type": "string"},
+    "google.protobuf.Struct": {"type": "object", "additionalProperties": True},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array", "items": {}},
+    "google.protobuf.Empty": {"type": "object"},
+    "google.protobuf.Any": {"type": "object", "properties": {"@type": {"type": "string"}}, "additionalProperties": True},
+}
+
+_ERRORS = {
+    "400": "Malformed request (JSON, field types, unknown fields) or INVALID_ARGUMENT / FAILED_PRECONDITION / OUT_OF_RANGE",
+    "404": "NOT_FOUND",
+    "409": "ALREADY_EXISTS or ABORTED",
+    "429": "RESOURCE_EXHAUSTED: compute is at capacity; see Retry-After",
+    "499": "CANCELLED",
+    "500": "INTERNAL / UNKNOWN / DATA_LOSS",
+    "501": "UNIMPLEMENTED",
+    "503": "UNAVAILABLE: compute is down or restarting; retry later",
+    "504": "DEADLINE_EXCEEDED",
+}
+
+
+class SchemaBuilder:
+    def __init__(self) -> None:
+        self.components: dict[str, Any] = {}
+
+    def ref(self, desc: Descriptor) -> dict[str, Any]:
+        name = desc.full_name
+        if name in _WKT:
+            return dict(_WKT[name])
+        if name.startswith("google.protobuf.") and name.endswith("Value") and "value" in desc.fields_by_name:
+            return {"anyOf": [self.field(desc.fields_by_name["value"]), {"type": "null"}]}
+        if name not in self.components:
+            self.components[name] = {}  # placeholder: recursive types
+            self.components[name] = self.message(desc)
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def message(self, desc: Descriptor, exclude: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+        properties = {f.json_name: self.field(f) for f in desc.fields if f.name not in exclude}
+        schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+        oneofs = [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))]
+        if oneofs:
+            schema["description"] = "; ".join(
+                f"at most one of {', '.join(f.json_name for f in o.fields)} ({o.name})" for o in oneofs
+            )
+        return schema
+
+    def field(self, f: FD) -> dict[str, Any]:
+        if is_map(f):
+            value = f.message_type.fields_by_name["value"]
+            return {"type": "object", "additionalProperties": self.single(value)}
+        if f.is_repeated:
+            return {"type": "array", "items": self.single(f)}
+        return self.single(f)
+
+    def single(self, f: FD) -> dict[str, Any]:
+        if f.type == FD.TYPE_MESSAGE:
+            return self.ref(f.message_type)
+        if f.type == FD.TYPE_ENUM:
+            return {"type": "string", "enum": [v.name for v in f.enum_type.values]}
+        return dict(_SCALARS[f.type])
+
+
+def build_openapi(routes: list[Route], title: str = "offload", version: str = "v1") -> dict[str, Any]:
+    """The OpenAPI document of the generated routes (merge admin routes in separately)."""
+    schemas = SchemaBuilder()
+    paths: dict[str, Any] = {}
+    for route in routes:
+        operation = _operation(route, schemas)
+        paths.setdefault(route.path.openapi_path, {})[route.http_method.lower()] = operation
+    components = {
+        **schemas.components,
+        ERROR_SCHEMA: {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "status", "message", "request_id"],
+                    "properties": {
+                        "code": {"type": "integer", "description": "HTTP status code"},
+                        "status": {"type": "string", "description": "google.rpc.Code name, e.g. NOT_FOUND"},
+                        "message": {"type": "string"},
+                        "request_id": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = []
+    for var in route.path.variables:
+        chain = resolve_field(route.request_type, var.field_path)
+        assert chain is not None
+        parameters.append({"name": var.name, "in": "path", "required": True, "schema": schemas.field(chain[-1])})
+    for dotted, chain in route.query_fields():
+        schema = schemas.field(chain[-1])
+        param: dict[str, Any] = {"name": dotted, "in": "query", "required": False, "schema": schema}
+        if chain[-1].is_repeated:
+            param.update(style="form", explode=True)
+        parameters.append(param)
+    if route.sse is not None and route.sse.resume_from_field:
+        parameters.append(
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": f"Resume after this event id (sets `{route.sse.resume_from_field}`)",
+            }
+        )
+    parameters += [
+        {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 128},
+         "description": "Request id, generated when absent; echoed in the response and in logs"},
+        {"name": "X-Request-Timeout", "in": "header", "required": False, "schema": {"type": "number", "exclusiveMinimum": 0},
+         "description": "Deadline in seconds for this call (clamped to the gateway maximum)"},
+    ]
+    operation: dict[str, Any] = {
+        "operationId": route.operation_id,
+        "summary": route.name,
+        "description": f"gRPC `{route.full_method}`" + (" (server stream, served as Server-Sent Events)" if route.streaming else ""),
+        "tags": [route.method.containing_service.name],
+        "parameters": parameters,
+    }
+    if route.body:
+        if route.body == "*":
+            top = {v.field_path[0] for v in route.path.variables if len(v.field_path) == 1}
+            schema = schemas.message(route.request_type, exclude=top) if top else schemas.ref(route.request_type)
+        else:
+            schema = schemas.field(route.body_field)  # type: ignore[arg-type]
+        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": schema}}}
+    request_id_header = {"X-Request-ID": {"schema": {"type": "string"}}}
+    if route.streaming:
+        success = {
+            "description": "Server-Sent Events; each `data:` is one JSON message as below",
+            "headers": request_id_header,
+            "content": {"text/event-stream": {"schema": schemas.ref(route.response_type)}},
+        }
+    else:
+        response_schema = schemas.ref(route.response_type)
+        if route.response_body:
+            response_schema = schemas.field(route.response_type.fields_by_name[route.response_body])
+        headers = dict(request_id_header)
+        if route.location:
+            headers["Location"] = {"schema": {"type": "string"}, "description": f"e.g. {route.location}"}
+        success = {"description": "OK", "headers": headers, "content": {"application/json": {"schema": response_schema}}}
+    responses: dict[str, Any] = {str(route.success_status): success}
+    error_ref = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}}
+    codes = dict(_ERRORS)
+    if route.body:
+        codes["413"] = "Request body too large"
+        codes["415"] = "Content-Type is not application/json"
+    for code in sorted(codes):
+        responses[code] = {"description": codes[code], "content": error_ref}
+        if code in ("429", "503"):
+            responses[code]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+    operation["responses"] = responses
+    return operation

@@ -1,0 +1,99 @@
+"""Gateway settings: one object, built in the entry point (or the app factory) and passed down.
+
+Every field is an environment variable `OFFLOAD_GATEWAY_<FIELD>` (or a line in `.env`);
+lists and dicts are JSON, e.g. `OFFLOAD_GATEWAY_ROUTE_TIMEOUTS='{"Search": 10}'`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback_target(target: str) -> bool:
+    """True for unix sockets and loopback host:port targets (no TLS needed there)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for prefix in ("dns:///", "ipv4:", "ipv6:"):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OFFLOAD_GATEWAY_", env_file=".env", extra="ignore")
+
+    # -- HTTP serving ----------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="HTTP listen host")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP listen port")
+    workers: int = Field(4, ge=1, description="uvicorn worker processes (each one is stateless)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest HTTP request body (413 beyond)")
+    access_log: bool = Field(False, description="One JSON log line per request (costs ~100 us each)")
+    graceful_shutdown_seconds: float = Field(10.0, gt=0, description="On SIGTERM, how long requests may finish")
+    log_level: str = Field("INFO", description="Log level")
+
+    # -- the hop to compute ----------------------------------------------------------------
+    compute_address: str = Field(
+        "127.0.0.1:50051", description="gRPC target of compute: host:port, unix:/path.sock, dns:///name:port"
+    )
+    proto_modules: list[str] = Field(
+        ["offload.v1.compute_pb2"],
+        description="Generated *_pb2 modules whose services get REST routes (add yours here)",
+    )
+    default_timeout_seconds: float = Field(30.0, gt=0, description="Deadline of a unary call to compute")
+    stream_timeout_seconds: float = Field(3600.0, gt=0, description="Deadline of a server-streaming call (SSE)")
+    max_timeout_seconds: float = Field(3600.0, gt=0, description="Upper clamp of X-Request-Timeout and route timeouts")
+    route_timeouts: dict[str, float] = Field(
+        {}, description='Per-RPC deadline, by method name or full name, e.g. {"Search": 10}'
+    )
+    retry_max_attempts: int = Field(3, ge=1, le=5, description="gRPC retry attempts for GET routes on UNAVAILABLE")
+    max_reconnect_backoff_ms: int = Field(
+        1000, ge=100, description="Cap of the channel's reconnect backoff: how fast the gateway notices compute is back"
+    )
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message received from compute")
+    readiness_timeout_seconds: float = Field(1.0, gt=0, description="Deadline of the health check behind /readyz")
+    sse_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent after this much silence")
+
+    # -- TLS to compute (required for a non-loopback compute address) ----------------------
+    tls_ca_file: Path | None = Field(None, description="CA bundle that signed compute's certificate; enables TLS")
+    tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for mTLS")
+    tls_key_file: Path | None = Field(None, description="Client private key (PEM) for mTLS")
+    tls_server_name: str | None = Field(None, description="Override of the name checked in compute's certificate")
+    insecure_remote: bool = Field(False, description="Allow plaintext gRPC to a non-loopback compute (not advised)")
+
+    # -- heartbeat ------------------------------------------------------------------------
+    heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
+    stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GatewaySettings":
+        if self.tls_ca_file is None and not self.insecure_remote and not is_loopback_target(self.compute_address):
+            raise ValueError(
+                f"refusing plaintext gRPC to non-loopback compute {self.compute_address!r}: "
+                "set OFFLOAD_GATEWAY_TLS_CA_FILE (or OFFLOAD_GATEWAY_INSECURE_REMOTE=true)"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("mTLS needs both tls_cert_file and tls_key_file")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError("tls_cert_file needs tls_ca_file")
+        if self.stall_threshold <= self.heartbeat_interval:
+            raise ValueError("stall_threshold must be larger than heartbeat_interval")
+        if self.default_timeout_seconds > self.max_timeout_seconds:
+            raise ValueError("default_timeout_seconds exceeds max_timeout_seconds")
+        return self
+
+    def route_timeout(self, method_name: str, full_name: str, streaming: bool) -> float:
+        """The default deadline of one RPC, clamped to the maximum."""
+        value = self.route_timeouts.get(full_name, self.route_timeouts.get(method_name))
+        if value is None:
+            value = self.stream_timeout_seconds if streaming else self.default_timeout_seconds
+        return min(value, self.max_timeout_seconds)
