@@ -114,6 +114,7 @@ class HealingPool:
         self._crash_streak = 0
         self._last_crash = 0.0
         self._rebuild_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -124,13 +125,15 @@ class HealingPool:
         self._flags, self._flags_spec = shm.create(self._shm_dir, "control", np.uint8, (self.size,))
         self._executor = await self._new_executor()
         self._healthy = True
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="offload-pool-watch")
 
     async def stop(self) -> None:
         """Ask running tasks to stop, then shut the workers down. Idempotent."""
         self._stopping = True
         self._healthy = False
-        if self._rebuild_task is not None:
-            self._rebuild_task.cancel()
+        for task in (self._rebuild_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         if self._flags is not None:
             self._flags[:] = worker.CANCEL_REQUESTED
         executor, self._executor = self._executor, None
@@ -269,10 +272,25 @@ class HealingPool:
 
     # -- healing ---------------------------------------------------------------------------
 
+    async def _watch(self, every: float = 0.1) -> None:
+        """Notice a worker that died while idle (e.g. the OOM killer): no task would tell us,
+        and the next call would fail on a broken executor. The executor's own manager thread
+        marks it broken as soon as a worker's process ends; rebuild then, not on the next call."""
+        while True:
+            await asyncio.sleep(every)
+            executor = self._executor
+            if executor is not None and getattr(executor, "_broken", False):
+                self._on_broken(executor)
+
     def _on_broken(self, executor: ProcessPoolExecutor) -> None:
         if executor is not self._executor or self._stopping or self._rebuild_task is not None:
             return  # already handled, or shutting down
         self._healthy = False
+        # The stdlib failed every call of the broken executor and sends its other workers
+        # SIGTERM, which they ignore: they would finish tasks whose results nobody can
+        # receive (burning CPU, delaying the executor's clean-up). Stop them now.
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.kill()
         self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild(executor))
 
     async def _rebuild(self, broken: ProcessPoolExecutor) -> None:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from compute import pool as pool_module
 from compute import registry, shm
+from compute.jobs.runner import JobService
 from compute.metrics import CallMetrics, PoolCollector
 from compute.pool import HealingPool
 from compute.runtime import Runtime
@@ -46,6 +47,7 @@ class ComputeServer:
         self.table: EmbeddingTable | None = None
         self.pool: HealingPool | None = None
         self.runtime: Runtime | None = None
+        self.jobs: JobService | None = None
         self.heartbeat: Heartbeat | None = None
         self.bound_port: int | None = None
         self.metrics_port: int | None = None
@@ -109,6 +111,9 @@ class ComputeServer:
         )
         await self.pool.start()
         self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat)
+        self.jobs = JobService.from_runtime(self.runtime)
+        await self.jobs.start()
+        self.runtime.services["jobs"] = self.jobs
         self._dispatcher.activate(self.runtime)
         await self._update_health()
         self._readiness_task = asyncio.get_running_loop().create_task(self._watch_readiness())
@@ -149,11 +154,15 @@ class ComputeServer:
         if self._readiness_task is not None:
             self._readiness_task.cancel()
         await self._set_health(NOT_SERVING)
+        if self.jobs is not None:
+            self.jobs.drain()  # end watch streams now, or they would hold the whole grace period
         if self._server is not None:
             # New calls are refused at once; in-flight calls get `grace` seconds.
             await self._server.stop(grace)
         if self._dispatcher is not None:
             self._dispatcher.ready = False
+        if self.jobs is not None:
+            await self.jobs.stop()  # before the pool: running chunks are stopped, their jobs requeued
         if self.pool is not None:
             await self.pool.stop()
         if self.table is not None:

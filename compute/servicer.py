@@ -114,6 +114,13 @@ class Dispatcher:
                     code = "INTERNAL"
                     log.exception("operation failed", extra={"method": op.method})
                     await grpc_context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                finally:
+                    # A per-call line with the caller's context; off unless log_level=DEBUG.
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "call done",
+                            extra={"method": op.method, "code": code, "seconds": round(time.perf_counter() - started, 6)},
+                        )
         finally:
             self.inflight.pop(id(token), None)
             method = op.method.rsplit(".", 1)[1]

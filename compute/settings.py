@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,7 +39,7 @@ class ComputeSettings(BaseSettings):
     max_message_bytes: int = Field(4 * 1024 * 1024, description="Largest gRPC message accepted or sent")
     drain_grace_seconds: float = Field(10.0, description="On SIGTERM, how long in-flight calls may finish")
     operation_modules: list[str] = Field(
-        ["compute.operations"],
+        ["compute.operations", "compute.jobs.operations"],
         description="Modules whose @light/@heavy functions are served (add yours here)",
     )
     log_level: str = Field("INFO", description="Log level for compute and its pool workers")
@@ -62,6 +63,25 @@ class ComputeSettings(BaseSettings):
     rebuild_backoff_max_seconds: float = Field(30.0, gt=0, description="Cap of that delay (doubles per crash)")
     rebuild_reset_seconds: float = Field(60.0, gt=0, description="Crash-free time after which backoff resets")
 
+    # -- jobs ---------------------------------------------------------------------------------
+    jobs_db_path: Path = Field(Path("var/jobs.sqlite3"), description="SQLite job store (WAL); its directory is created")
+    jobs_db_max_bytes: int = Field(1 << 30, ge=1 << 20, description="Size cap of the job store; when reached, SubmitJob answers UNAVAILABLE")
+    jobs_db_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "FULL", description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes (faster)"
+    )
+    job_type_modules: list[str] = Field(["compute.jobs.batch_search"], description="Modules whose @job_type planners are served")
+    jobs_concurrency: int = Field(1, ge=1, description="Jobs running at once (each runs one chunk at a time in the pool)")
+    jobs_max_queued: int = Field(10_000, ge=1, description="Queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
+    jobs_max_attempts: int = Field(3, ge=1, description="Attempts per job (worker crash, compute restart) before it fails")
+    jobs_backoff_base_seconds: float = Field(1.0, gt=0, description="Retry delay ceiling for the first retry (doubles per attempt, full jitter)")
+    jobs_backoff_max_seconds: float = Field(60.0, gt=0, description="Largest retry delay ceiling")
+    jobs_ttl_seconds: float = Field(86_400.0, gt=0, description="How long a finished job and its result are kept")
+    jobs_sweep_interval_seconds: float = Field(60.0, gt=0, description="How often expired jobs are deleted")
+    jobs_chunk_queries: int = Field(256, ge=1, description="Batch search: queries per pool call (progress and cancel granularity)")
+    jobs_max_queries: int = Field(100_000, ge=1, description="Batch search: most queries in one job")
+    jobs_result_page_default: int = Field(100, ge=1, description="GetJob result entries when result_limit is 0")
+    jobs_result_page_max: int = Field(1000, ge=1, description="Most GetJob result entries per page")
+
     # -- heartbeat ------------------------------------------------------------------------
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
@@ -77,6 +97,10 @@ class ComputeSettings(BaseSettings):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         if self.ids_path is not None and self.vectors_path is None:
             raise ValueError("ids_path needs vectors_path")
+        if self.jobs_backoff_max_seconds < self.jobs_backoff_base_seconds:
+            raise ValueError("jobs_backoff_max_seconds must be at least jobs_backoff_base_seconds")
+        if self.jobs_result_page_max < self.jobs_result_page_default:
+            raise ValueError("jobs_result_page_max must be at least jobs_result_page_default")
         if self.stall_threshold <= self.heartbeat_interval:
             raise ValueError("stall_threshold must be larger than heartbeat_interval")
         return self

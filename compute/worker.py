@@ -8,6 +8,7 @@ stop. A task receives a `TaskContext`; heavy operations call `task.check()` betw
 from __future__ import annotations
 
 import ctypes
+import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -84,6 +85,7 @@ def initialize(table_spec: TableSpec, control_spec: shm.ArraySpec, nice: int, lo
 
 def _die_with_parent() -> None:
     """If compute (and so the forkserver, our parent) dies, die too: never hold the table alone."""
+    _release_forkserver()
     parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -91,6 +93,24 @@ def _die_with_parent() -> None:
         pass
     if os.getppid() != parent:  # parent died before prctl took effect
         os._exit(1)
+
+
+def _release_forkserver() -> None:
+    """Close our copy of the forkserver's "alive" pipe.
+
+    The forkserver exits when every holder of that pipe's write end is gone, and it hands a
+    copy to each process it forks. Workers keeping theirs would keep the forkserver alive
+    after compute dies, and the forkserver alive keeps PDEATHSIG from firing: orphans that
+    map the table forever. Workers never fork through the forkserver, so they drop it.
+    """
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        server._forkserver_alive_fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def ping(delay: float = 0.0) -> int:

@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTING_MODULES = ["compute.operations", "tests.operations_testing"]
+TESTING_MODULES = ["compute.operations", "compute.jobs.operations", "tests.operations_testing"]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02, message: str = "") -> None:
@@ -149,6 +149,7 @@ class ComputeLauncher:
             "shm_dir": str(shm_dir),
             "operation_modules": TESTING_MODULES,
             "drain_grace_seconds": 5,
+            "jobs_db_path": str(self.workdir / f"jobs-{socket.stem}.sqlite3"),
         }
         defaults.update(settings)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
