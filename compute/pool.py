@@ -147,6 +147,7 @@ class HealingPool:
         return await asyncio.to_thread(self._create_executor)
 
     def _create_executor(self) -> ProcessPoolExecutor:
+        """A new executor whose workers all answered a ping; shut down again if they did not."""
         executor = ProcessPoolExecutor(
             max_workers=self.size,
             mp_context=self._context,
@@ -155,9 +156,13 @@ class HealingPool:
         )
         # `size` pings start every worker now (the executor spawns one per pending task),
         # so the first real call pays nothing.
-        pings = [executor.submit(worker.ping, 0.05) for _ in range(self.size)]
-        for ping in pings:
-            ping.result(timeout=120)
+        try:
+            pings = [executor.submit(worker.ping, 0.05) for _ in range(self.size)]
+            for ping in pings:
+                ping.result(timeout=120)
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
         return executor
 
     # -- state -----------------------------------------------------------------------------
@@ -290,7 +295,10 @@ class HealingPool:
         # SIGTERM, which they ignore: they would finish tasks whose results nobody can
         # receive (burning CPU, delaying the executor's clean-up). Stop them now.
         for process in list((getattr(executor, "_processes", None) or {}).values()):
-            process.kill()
+            try:
+                process.kill()
+            except (OSError, ValueError):
+                pass  # already gone
         self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild(executor))
 
     async def _rebuild(self, broken: ProcessPoolExecutor) -> None:
@@ -309,7 +317,7 @@ class HealingPool:
                 try:
                     self._executor = await self._new_executor()
                     break
-                except BrokenProcessPool:
+                except Exception:  # a worker that failed to start or ping: try again, later
                     log.exception("pool rebuild failed; retrying")
                     await asyncio.sleep(min(self._backoff_max, self._backoff * 2**self._crash_streak))
             if self._stopping:
