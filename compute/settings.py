@@ -5,7 +5,6 @@ Every field is an environment variable `OFFLOAD_COMPUTE_<FIELD>` (or a line in `
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -13,17 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def _is_loopback(address: str) -> bool:
-    if address.startswith("unix:") or address.startswith("unix-abstract:"):
-        return True
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from offload.addresses import is_loopback
 
 
 class ComputeSettings(BaseSettings):
@@ -88,7 +77,7 @@ class ComputeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "ComputeSettings":
-        if not _is_loopback(self.address) and self.tls_cert_file is None:
+        if not is_loopback(self.address) and self.tls_cert_file is None:
             raise ValueError(
                 f"refusing to listen on non-loopback address {self.address!r} without TLS: "
                 "set OFFLOAD_COMPUTE_TLS_CERT_FILE and OFFLOAD_COMPUTE_TLS_KEY_FILE"

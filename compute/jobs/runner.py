@@ -1,0 +1,345 @@
+"""JobService: accepts, claims, runs, retries, cancels and expires jobs; feeds watchers.
+
+- Claiming: up to `jobs_concurrency` jobs run at once, each one chunk at a time, in the
+  pool's JOBS lane (interactive calls get free workers first, and jobs never count against
+  interactive admission). Nothing is claimed while the pool is rebuilding.
+- Progress: each chunk's results and the new progress are written in one transaction.
+  A job requeued after a restart re-plans from its stored spec and skips stored chunks.
+- Cancel: a conditional UPDATE to CANCELLED (wins or loses against completion, never both),
+  then the job's task is cancelled, which raises the running chunk's cancel flag in the pool.
+  The runner also re-reads the state before each chunk (a cancel from elsewhere).
+- Retries: Unavailable (a worker died, the pool restarted) requeues the job after a delay
+  drawn uniformly from [0, min(max, base * 2 ** (attempt - 1))] (full jitter), up to
+  `jobs_max_attempts` attempts; any other error fails the job at once.
+- Start-up: jobs left RUNNING by a dead compute are requeued or, past max attempts, failed.
+- Watchers get every change pushed (and re-read the row every second, for safety).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from typing import AsyncIterator
+
+from compute.errors import ComputeError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from compute.jobs import store as st
+from compute.jobs import types as job_types
+from compute.jobs.types import JobType
+from compute.pool import Lane
+from compute.runtime import Runtime
+from offload import context
+from offload.context import RequestContext
+from offload.v1 import jobs_pb2
+
+log = logging.getLogger("compute.jobs")
+
+WATCH_POLL_SECONDS = 1.0
+IDLE_POLL_SECONDS = 1.0
+_WATCH_QUEUE = 256
+
+
+def new_job_id() -> str:
+    """24 URL-safe characters, 144 random bits: unguessable."""
+    return secrets.token_urlsafe(18)
+
+
+class JobService:
+    """`await start()` once (after the pool), `drain()` then `await stop()` (idempotent)."""
+
+    def __init__(self, runtime: Runtime, store: st.JobStore, types: dict[str, JobType]) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.store = store
+        self.types = types
+        self.ttl = settings.jobs_ttl_seconds
+        self._concurrency = settings.jobs_concurrency
+        self._max_attempts = settings.jobs_max_attempts
+        self._backoff_base = settings.jobs_backoff_base_seconds
+        self._backoff_max = settings.jobs_backoff_max_seconds
+        self._sweep_interval = settings.jobs_sweep_interval_seconds
+        self._max_queued = settings.jobs_max_queued
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._watchers: dict[str, set[asyncio.Queue[st.JobRecord | None]]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._draining = False
+        self._stopped = False
+
+    @classmethod
+    def from_runtime(cls, runtime: Runtime) -> "JobService":
+        """The service as the settings describe it: SQLite store, job types from `job_type_modules`."""
+        settings = runtime.settings
+        store = st.SqliteJobStore(
+            settings.jobs_db_path, max_bytes=settings.jobs_db_max_bytes, synchronous=settings.jobs_db_synchronous
+        )
+        return cls(runtime, store, job_types.collect(settings.job_type_modules))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, recover interrupted jobs, start claiming. Call once."""
+        if self._started:
+            raise RuntimeError("JobService already started")
+        self._started = True
+        await self.store.open()
+        try:
+            requeued, failed = await self.store.recover(self._max_attempts, self.ttl, time.time())
+            if requeued or failed:
+                log.warning("recovered interrupted jobs", extra={"requeued": requeued, "failed": failed})
+        except st.StoreUnavailable as exc:
+            log.error("cannot recover interrupted jobs: the job store is not writable", extra={"error": exc.message})
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._dispatch()), loop.create_task(self._sweep())]
+
+    def drain(self) -> None:
+        """Stop claiming and end watch streams (they resume elsewhere). Idempotent, sync."""
+        self._draining = True
+        self._wake.set()
+        for queues in self._watchers.values():
+            for queue in queues:
+                _offer(queue, None)
+
+    async def stop(self) -> None:
+        """Stop running jobs (requeued, attempt refunded: they resume at next start). Idempotent."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        self.drain()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        running = dict(self._running)
+        for task in running.values():
+            task.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)
+        now = time.time()
+        for job_id in running:
+            try:
+                record = await self.store.get(job_id, now)
+                if record is not None and record.state == st.RUNNING:
+                    await self.store.transition(
+                        job_id, (st.RUNNING,), st.QUEUED, now, attempts=max(0, record.attempts - 1), not_before=now
+                    )
+            except ComputeError as exc:
+                log.error("could not requeue a job at shutdown", extra={"job_id": job_id, "error": exc.message})
+        await self.store.close()
+
+    # -- requests (called by the operations, on the loop) ---------------------------------------
+
+    async def submit(self, job_type: str, spec: bytes, idempotency_key: str, ctx: RequestContext, total: int) -> tuple[st.JobRecord, bool]:
+        if self._draining:
+            raise Unavailable("compute is shutting down; submit the job again shortly")
+        now = time.time()
+        record = st.JobRecord(
+            id=new_job_id(), type=job_type, state=st.QUEUED, spec=spec, idempotency_key=idempotency_key or None,
+            request_id=ctx.request_id, traceparent=ctx.traceparent, attempts=0, done=0, total=total, result_count=0,
+            error_code=None, error_message=None, create_time=now, update_time=now, start_time=None, end_time=None,
+            expire_time=None, not_before=now, sequence=1,
+        )  # fmt: skip
+        stored, created = await self.store.submit(record, self._max_queued)
+        if stored is None:
+            raise ResourceExhausted(f"{self._max_queued} jobs are already queued; retry later", retry_after=5.0)
+        if created:
+            log.info("job submitted", extra={"job_id": stored.id, "type": job_type, "total": total})
+            self._wake.set()
+        return stored, created
+
+    async def get(self, job_id: str) -> st.JobRecord:
+        record = await self.store.get(job_id, time.time())
+        if record is None:
+            raise NotFound("no job with this id")
+        return record
+
+    async def cancel(self, job_id: str) -> st.JobRecord:
+        record = None
+        current = await self.get(job_id)  # a finished job needs no write (works on a read-only store)
+        if not current.terminal:
+            now = time.time()
+            # Conditional: if the job finished meanwhile, this changes nothing and the finish stands.
+            record = await self.store.transition(job_id, st.ACTIVE, st.CANCELLED, now, end_time=now, expire_time=now + self.ttl)
+        if record is None:
+            current = await self.get(job_id)
+            if current.state == st.CANCELLED:
+                return current  # cancelling twice is fine
+            raise FailedPrecondition(f"the job already finished ({current.state}); it cannot be cancelled")
+        task = self._running.get(job_id)
+        if task is not None:
+            task.cancel()  # stops the running chunk in its pool worker
+        log.info("job cancelled", extra={"job_id": job_id})
+        self._publish(record)
+        return record
+
+    async def watch(self, job_id: str, after_sequence: int) -> AsyncIterator[st.JobRecord]:
+        """Every change with sequence > after_sequence, ending after a terminal state.
+
+        Watchers only read: a watcher that goes away never affects the job.
+        """
+        queue: asyncio.Queue[st.JobRecord | None] = asyncio.Queue(_WATCH_QUEUE)
+        self._watchers.setdefault(job_id, set()).add(queue)  # before the read: no change is missed
+        try:
+            record: st.JobRecord | None = await self.get(job_id)
+            last = after_sequence
+            while True:
+                if record is None:
+                    if self._draining:
+                        raise Unavailable("compute is shutting down; reconnect with after_sequence to resume")
+                    return  # the job expired while watched
+                if record.sequence > last:
+                    last = record.sequence
+                    yield record
+                if record.terminal:
+                    return
+                try:
+                    record = await asyncio.wait_for(queue.get(), WATCH_POLL_SECONDS)
+                except TimeoutError:
+                    record = await self.store.get(job_id, time.time())
+        finally:
+            queues = self._watchers.get(job_id)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self._watchers[job_id]
+
+    def _publish(self, record: st.JobRecord) -> None:
+        for queue in self._watchers.get(record.id, ()):
+            _offer(queue, record)
+
+    # -- claiming and running ----------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while not self._draining:
+            self._wake.clear()
+            try:
+                while len(self._running) < self._concurrency and self.runtime.pool.healthy and not self._draining:
+                    record = await self.store.claim(time.time())
+                    if record is None:
+                        break
+                    self._publish(record)
+                    self._running[record.id] = asyncio.get_running_loop().create_task(self._run(record))
+                due = await self.store.next_due()
+            except ComputeError as exc:
+                log.error("cannot claim jobs", extra={"error": exc.message})
+                due = None
+            timeout = IDLE_POLL_SECONDS if due is None else min(IDLE_POLL_SECONDS, max(0.0, due - time.time()))
+            if len(self._running) >= self._concurrency or not self.runtime.pool.healthy:
+                timeout = IDLE_POLL_SECONDS if self.runtime.pool.healthy else 0.1
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _run(self, record: st.JobRecord) -> None:
+        try:
+            # The submitter's request id and trace follow the job into its logs and pool tasks.
+            with context.bound(RequestContext(record.request_id, record.traceparent)):
+                await self._execute(record)
+        except asyncio.CancelledError:
+            pass  # cancelled (state already CANCELLED) or stopping (stop() requeues)
+        except ComputeError as exc:
+            # The store refused a write (full, read-only). Try to fail the job with the reason (an
+            # in-place update may still fit); otherwise it stays RUNNING and is recovered at next start.
+            log.error("job store write failed while running a job", extra={"job_id": record.id, "error": exc.message})
+            try:
+                await self._finish_failed(record, exc.code, f"results could not be saved: {exc.message}")
+            except ComputeError:
+                pass
+        except Exception:
+            log.exception("job runner failed", extra={"job_id": record.id})
+            try:
+                await self._finish_failed(record, "INTERNAL", "internal error")
+            except ComputeError as exc:
+                log.error("could not mark the job failed", extra={"job_id": record.id, "error": exc.message})
+        finally:
+            self._running.pop(record.id, None)
+            self._wake.set()
+
+    async def _execute(self, record: st.JobRecord) -> None:
+        job_type = self.types.get(record.type)
+        if job_type is None:
+            await self._finish_failed(record, "UNIMPLEMENTED", f"job type {record.type!r} is not served by this compute")
+            return
+        spec = getattr(jobs_pb2.SubmitJobRequest.FromString(record.spec), record.type)
+        try:
+            chunks = await asyncio.to_thread(job_type.plan, spec, self.runtime)  # off the loop, as on submit
+        except ComputeError as exc:  # e.g. the table changed since the job was submitted
+            await self._finish_failed(record, exc.code, exc.message)
+            return
+        stored = await self.store.chunk_indexes(record.id)
+        ctx = RequestContext(record.request_id, record.traceparent)
+        log.info("job started", extra={"job_id": record.id, "attempt": record.attempts, "chunks": len(chunks), "resumed_chunks": len(stored)})
+        first = 0
+        done = sum(chunk.entries for index, chunk in enumerate(chunks) if index in stored)
+        for index, chunk in enumerate(chunks):
+            start, first = first, first + chunk.entries
+            if index in stored:
+                continue
+            current = await self.store.get(record.id, time.time())
+            if current is None or current.state != st.RUNNING:
+                return  # cancelled (possibly by another process) or expired
+            try:
+                payload = await self.runtime.pool.run(job_type.run_chunk, chunk.request, ctx=ctx, deadline=None, lane=Lane.JOBS)
+            except Unavailable as exc:
+                await self._retry_or_fail(record, exc)
+                return
+            except ComputeError as exc:
+                await self._finish_failed(record, exc.code, exc.message)
+                return
+            done += chunk.entries
+            updated = await self.store.save_chunk(record.id, index, st.ChunkPayload(start, chunk.entries, payload), done, time.time())
+            if updated is None:
+                return  # cancelled while the chunk ran
+            self._publish(updated)
+        now = time.time()
+        final = await self.store.transition(
+            record.id, (st.RUNNING,), st.SUCCEEDED, now, end_time=now, expire_time=now + self.ttl, error_code=None, error_message=None
+        )
+        if final is not None:
+            log.info("job succeeded", extra={"job_id": record.id, "seconds": round(now - (record.start_time or now), 3)})
+            self._publish(final)
+
+    async def _retry_or_fail(self, record: st.JobRecord, exc: ComputeError) -> None:
+        if record.attempts >= self._max_attempts:
+            await self._finish_failed(record, exc.code, f"gave up after {record.attempts} attempts: {exc.message}")
+            return
+        ceiling = min(self._backoff_max, self._backoff_base * 2 ** (record.attempts - 1))
+        delay = random.uniform(0.0, ceiling)  # full jitter
+        now = time.time()
+        requeued = await self.store.transition(
+            record.id, (st.RUNNING,), st.QUEUED, now, not_before=now + delay, error_code=exc.code, error_message=exc.message
+        )
+        if requeued is not None:
+            log.warning("job attempt failed; retrying", extra={"job_id": record.id, "attempt": record.attempts, "delay_seconds": round(delay, 3), "error": exc.message})
+            self._publish(requeued)
+
+    async def _finish_failed(self, record: st.JobRecord, code: str, message: str) -> None:
+        now = time.time()
+        failed = await self.store.transition(
+            record.id, (st.RUNNING,), st.FAILED, now, end_time=now, expire_time=now + self.ttl, error_code=code, error_message=message
+        )
+        if failed is not None:
+            log.warning("job failed", extra={"job_id": record.id, "code": code, "error": message})
+            self._publish(failed)
+
+    async def _sweep(self) -> None:
+        while True:
+            try:
+                removed = await self.store.expire(time.time())
+                if removed:
+                    log.info("expired finished jobs", extra={"removed": removed})
+            except ComputeError as exc:
+                log.error("cannot expire jobs", extra={"error": exc.message})
+            await asyncio.sleep(self._sweep_interval)
+
+
+def _offer(queue: asyncio.Queue, item) -> None:
+    """Never block the publisher: a slow watcher loses old snapshots, never the newest."""
+    while True:
+        try:
+            queue.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            queue.get_nowait()

@@ -1,0 +1,470 @@
+"""Job persistence: a small interface, and SQLite (WAL) as the embedded default.
+
+The interface is what the job service needs and nothing more: submit (idempotent), claim,
+conditional transition, save a chunk of results with progress, get, list, expire, recover.
+Every state change is a conditional UPDATE (`... WHERE state IN (...)`), so when a cancel and
+a completion race, exactly one of them wins and the job has exactly one terminal state.
+
+Each row carries a `sequence` bumped by every change: the event number WatchJob streams.
+
+SQLite: one connection, used only by one dedicated thread, so writes never block the event
+loop and never contend with each other. SQL is kept to what PostgreSQL also runs: a second
+backend for several compute replicas is an addition, not a rewrite. Its claim would be
+
+    UPDATE jobs SET state = 'RUNNING', ... WHERE id = (
+        SELECT id FROM jobs WHERE state = 'QUEUED' AND not_before <= $1
+        ORDER BY create_time LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *
+
+and its recovery would requeue only the RUNNING jobs of replicas whose lease expired.
+SQLite is single-owner: a lock file next to the database refuses a second compute process.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from compute.errors import Unavailable
+
+log = logging.getLogger("compute.jobs.store")
+
+T = TypeVar("T")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = (QUEUED, RUNNING)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One row of `jobs`. Times are Unix seconds (float); None when not reached yet."""
+
+    id: str
+    type: str
+    state: str
+    spec: bytes  # the serialized SubmitJobRequest
+    idempotency_key: str | None
+    request_id: str
+    traceparent: str
+    attempts: int
+    done: int
+    total: int
+    result_count: int
+    error_code: str | None
+    error_message: str | None
+    create_time: float
+    update_time: float
+    start_time: float | None
+    end_time: float | None
+    expire_time: float | None
+    not_before: float
+    sequence: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+COLUMNS = tuple(f.name for f in fields(JobRecord))
+# What `transition` may set (besides state, update_time and sequence, always set).
+UPDATABLE = frozenset(
+    {"attempts", "done", "error_code", "error_message", "start_time", "end_time", "expire_time", "not_before"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPayload:
+    """Serialized results of one chunk: entries [first, first + count) of the job's result."""
+
+    first: int
+    count: int
+    payload: bytes
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot write (disk full, read-only, I/O error): reads may still work."""
+
+
+class JobStore(abc.ABC):
+    """What the job service needs from persistence. All methods are coroutines."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def submit(self, record: JobRecord, max_queued: int) -> tuple[JobRecord | None, bool]:
+        """Insert; or return the job with the same idempotency key (created=False).
+
+        (None, False) when `max_queued` jobs are already queued.
+        """
+
+    @abc.abstractmethod
+    async def claim(self, now: float) -> JobRecord | None:
+        """The oldest QUEUED job due at `now`, moved to RUNNING with attempts + 1."""
+
+    @abc.abstractmethod
+    async def next_due(self) -> float | None:
+        """Earliest `not_before` of the queued jobs (None: nothing queued)."""
+
+    @abc.abstractmethod
+    async def transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
+        """Set `state` (and `values`) only if the job is in one of `expect`; the new row, or None."""
+
+    @abc.abstractmethod
+    async def save_chunk(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
+        """Store a chunk's results and progress, only if the job is still RUNNING."""
+
+    @abc.abstractmethod
+    async def chunk_indexes(self, job_id: str) -> set[int]: ...
+
+    @abc.abstractmethod
+    async def result_chunks(self, job_id: str, offset: int, limit: int) -> list[ChunkPayload]:
+        """The chunks overlapping entries [offset, offset + limit), in order."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str, now: float) -> JobRecord | None:
+        """The job, or None (unknown or expired)."""
+
+    @abc.abstractmethod
+    async def list(self, state: str | None, limit: int, after: tuple[float, str] | None, now: float) -> list[JobRecord]:
+        """Newest first; `after` is the (create_time, id) of the previous page's last job."""
+
+    @abc.abstractmethod
+    async def expire(self, now: float) -> int:
+        """Delete finished jobs (and results) whose expire_time passed; how many."""
+
+    @abc.abstractmethod
+    async def recover(self, max_attempts: int, ttl: float, now: float) -> tuple[list[str], list[str]]:
+        """Jobs left RUNNING by a dead process: (requeued ids, failed ids past max attempts)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+    spec BLOB NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    request_id TEXT NOT NULL,
+    traceparent TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    done INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    result_count INTEGER NOT NULL,
+    error_code TEXT,
+    error_message TEXT,
+    create_time REAL NOT NULL,
+    update_time REAL NOT NULL,
+    start_time REAL,
+    end_time REAL,
+    expire_time REAL,
+    not_before REAL NOT NULL,
+    sequence INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, create_time);
+CREATE INDEX IF NOT EXISTS jobs_by_create ON jobs (create_time, id);
+CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expire_time) WHERE expire_time IS NOT NULL;
+CREATE TABLE IF NOT EXISTS job_chunks (
+    job_id TEXT NOT NULL,
+    chunk INTEGER NOT NULL,
+    first_entry INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (job_id, chunk)
+);
+"""
+
+# SQLite result codes meaning "cannot write now", whatever the statement.
+_WRITE_FAILURES = {
+    sqlite3.SQLITE_FULL: "the job store is full (disk full or its size cap reached)",
+    sqlite3.SQLITE_READONLY: "the job store is read-only",
+    sqlite3.SQLITE_IOERR: "the job store had an I/O error",
+    sqlite3.SQLITE_CANTOPEN: "the job store cannot be opened for writing",
+    sqlite3.SQLITE_BUSY: "the job store is busy",
+    sqlite3.SQLITE_LOCKED: "the job store is locked",
+    sqlite3.SQLITE_PERM: "the job store refused the write",
+}
+
+
+def _as_unavailable(exc: sqlite3.Error) -> StoreUnavailable | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    reason = _WRITE_FAILURES.get(code & 0xFF)
+    return None if reason is None else StoreUnavailable(f"{reason}; no job changes are accepted for now, reads still work")
+
+
+class SqliteJobStore(JobStore):
+    """SQLite in WAL mode. `open()` once, `close()` once (idempotent). Single process owner."""
+
+    def __init__(self, path: Path, *, max_bytes: int, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._synchronous = synchronous
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self.writable = True
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("job store already opened")
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-sqlite")
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_owner(self.path.with_name(self.path.name + ".lock"))
+        conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {max(16, self._max_bytes // page_size)}")
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("job store is not in WAL mode", extra={"journal_mode": mode})
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            if _as_unavailable(exc) is None or not self._has_schema():
+                raise
+            # A read-only or full database still serves reads: compute stays up.
+            self.writable = False
+            log.error("job store is not writable: jobs can be read, not submitted", extra={"error": str(exc)})
+
+    def _has_schema(self) -> bool:
+        assert self._conn is not None
+        names = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return {"jobs", "job_chunks"} <= names
+
+    async def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(thread, self._close)
+        thread.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            raise StoreUnavailable("the job store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one IMMEDIATE transaction; a failed write becomes StoreUnavailable."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            unavailable = _as_unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from exc
+        return result
+
+    # -- operations -----------------------------------------------------------------------------
+
+    async def submit(self, record: JobRecord, max_queued: int) -> tuple[JobRecord | None, bool]:
+        def run(conn: sqlite3.Connection) -> tuple[JobRecord | None, bool]:
+            if record.idempotency_key:
+                existing = _one(conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (record.idempotency_key,)))
+                if existing is not None:
+                    return existing, False
+            queued = conn.execute("SELECT count(*) FROM jobs WHERE state = 'QUEUED'").fetchone()[0]
+            if queued >= max_queued:
+                return None, False
+            placeholders = ", ".join("?" for _ in COLUMNS)
+            conn.execute(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({placeholders})", _values(record))
+            return record, True
+
+        return await self._call(self._write, run)
+
+    async def claim(self, now: float) -> JobRecord | None:
+        def run(conn: sqlite3.Connection) -> JobRecord | None:
+            return _one(
+                conn.execute(
+                    "UPDATE jobs SET state = 'RUNNING', attempts = attempts + 1, start_time = COALESCE(start_time, ?),"
+                    " update_time = ?, sequence = sequence + 1"
+                    " WHERE id = (SELECT id FROM jobs WHERE state = 'QUEUED' AND not_before <= ?"
+                    " ORDER BY create_time LIMIT 1) RETURNING *",
+                    (now, now, now),
+                )
+            )
+
+        return await self._call(self._write, run)
+
+    async def next_due(self) -> float | None:
+        def run() -> float | None:
+            return self._conn.execute("SELECT min(not_before) FROM jobs WHERE state = 'QUEUED'").fetchone()[0]
+
+        return await self._call(run)
+
+    async def transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
+        unknown = set(values) - UPDATABLE
+        if unknown or state not in STATES:
+            raise ValueError(f"cannot set {sorted(unknown) or state}")
+        expect = tuple(expect)
+        assignments = "".join(f", {name} = ?" for name in values)
+        sql = (
+            f"UPDATE jobs SET state = ?, update_time = ?, sequence = sequence + 1{assignments}"
+            f" WHERE id = ? AND state IN ({', '.join('?' for _ in expect)}) RETURNING *"
+        )
+        params = (state, now, *values.values(), job_id, *expect)
+        return await self._call(self._write, lambda conn: _one(conn.execute(sql, params)))
+
+    async def save_chunk(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
+        def run(conn: sqlite3.Connection) -> JobRecord | None:
+            updated = _one(
+                conn.execute(
+                    "UPDATE jobs SET done = ?, result_count = result_count + ?, update_time = ?, sequence = sequence + 1"
+                    " WHERE id = ? AND state = 'RUNNING' RETURNING *",
+                    (done, chunk.count, now, job_id),
+                )
+            )
+            if updated is not None:
+                conn.execute(
+                    "INSERT INTO job_chunks (job_id, chunk, first_entry, entries, payload) VALUES (?, ?, ?, ?, ?)",
+                    (job_id, index, chunk.first, chunk.count, chunk.payload),
+                )
+            return updated
+
+        return await self._call(self._write, run)
+
+    async def chunk_indexes(self, job_id: str) -> set[int]:
+        def run() -> set[int]:
+            return {row[0] for row in self._conn.execute("SELECT chunk FROM job_chunks WHERE job_id = ?", (job_id,))}
+
+        return await self._call(run)
+
+    async def result_chunks(self, job_id: str, offset: int, limit: int) -> list[ChunkPayload]:
+        def run() -> list[ChunkPayload]:
+            rows = self._conn.execute(
+                "SELECT first_entry, entries, payload FROM job_chunks WHERE job_id = ?"
+                " AND first_entry < ? AND first_entry + entries > ? ORDER BY first_entry",
+                (job_id, offset + limit, offset),
+            )
+            return [ChunkPayload(row[0], row[1], row[2]) for row in rows]
+
+        return await self._call(run)
+
+    async def get(self, job_id: str, now: float) -> JobRecord | None:
+        def run() -> JobRecord | None:
+            return _one(
+                self._conn.execute(
+                    "SELECT * FROM jobs WHERE id = ? AND (expire_time IS NULL OR expire_time > ?)", (job_id, now)
+                )
+            )
+
+        return await self._call(run)
+
+    async def list(self, state: str | None, limit: int, after: tuple[float, str] | None, now: float) -> list[JobRecord]:
+        where, params = ["(expire_time IS NULL OR expire_time > ?)"], [now]
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if after is not None:
+            where.append("(create_time < ? OR (create_time = ? AND id < ?))")
+            params.extend((after[0], after[0], after[1]))
+        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY create_time DESC, id DESC LIMIT ?"
+        params.append(limit)
+
+        def run() -> list[JobRecord]:
+            return [_record(row) for row in self._conn.execute(sql, params)]
+
+        return await self._call(run)
+
+    async def expire(self, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM job_chunks WHERE job_id IN (SELECT id FROM jobs WHERE expire_time <= ?)", (now,))
+            return conn.execute("DELETE FROM jobs WHERE expire_time <= ?", (now,)).rowcount
+
+        return await self._call(self._write, run)
+
+    async def recover(self, max_attempts: int, ttl: float, now: float) -> tuple[list[str], list[str]]:
+        def run(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            reason = f"compute stopped while this job was running, {max_attempts} times: gave up (max attempts)"
+            failed = conn.execute(
+                "UPDATE jobs SET state = 'FAILED', error_code = 'UNAVAILABLE', error_message = ?, end_time = ?,"
+                " expire_time = ?, update_time = ?, sequence = sequence + 1"
+                " WHERE state = 'RUNNING' AND attempts >= ? RETURNING id",
+                (reason, now, now + ttl, now, max_attempts),
+            ).fetchall()
+            requeued = conn.execute(
+                "UPDATE jobs SET state = 'QUEUED', not_before = ?, update_time = ?, sequence = sequence + 1,"
+                " error_code = 'UNAVAILABLE', error_message = 'compute stopped while this job was running; requeued'"
+                " WHERE state = 'RUNNING' RETURNING id",
+                (now, now),
+            ).fetchall()
+            return [row[0] for row in requeued], [row[0] for row in failed]
+
+        return await self._call(self._write, run)
+
+    async def integrity_check(self) -> str:
+        return await self._call(lambda: self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _lock_owner(path: Path) -> int | None:
+    """Hold an exclusive lock for this process's lifetime: one compute per SQLite job store."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            log.warning("cannot create the job store lock file (read-only directory?)", extra={"path": str(path)})
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"the job store {path.with_suffix('')} is used by another compute process") from None
+    return fd
+
+
+def _values(record: JobRecord) -> tuple[Any, ...]:
+    return tuple(getattr(record, name) for name in COLUMNS)
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(**{name: row[name] for name in COLUMNS})
+
+
+def _one(cursor: sqlite3.Cursor) -> JobRecord | None:
+    row = cursor.fetchone()
+    # Drain the cursor: an UPDATE ... RETURNING only completes when every row was read.
+    cursor.fetchall()
+    return None if row is None else _record(row)

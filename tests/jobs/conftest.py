@@ -1,0 +1,26 @@
+"""Job fixtures: a compute shared by a module's tests, with small chunks so jobs have several."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from compute.table import EmbeddingTable
+from tests.conftest import ComputeLauncher, ComputeProcess
+
+SHARED_SETTINGS = {"rows": 2000, "dim": 16, "jobs_chunk_queries": 8, "jobs_max_queries": 500}
+
+
+@pytest.fixture(scope="module")
+def jobs_compute(tmp_path_factory) -> Iterator[ComputeProcess]:
+    """A compute for tests that only add their own jobs (never kill, reconfigure or fill it)."""
+    launcher = ComputeLauncher(tmp_path_factory.mktemp("jobs"))
+    yield launcher(**SHARED_SETTINGS)
+    launcher.close()
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> EmbeddingTable:
+    """The synthetic table the shared compute builds (same rows, dim, seed), in-process."""
+    return EmbeddingTable.build(tmp_path_factory.mktemp("table"), rows=2000, dim=16, seed=42)
