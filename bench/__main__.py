@@ -1,0 +1,148 @@
+"""`python -m bench [--quick | --smoke] [--out DIR]`: offload vs the naive designs, one run.
+
+Order (one design up at a time, never more RAM than needed): calibration in-process, offload,
+naive-inline, naive-executor, a FastAPI hello-world, then the memory sweep. Everything started
+here is stopped here, by pid and process group, even on errors or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.procs import BLAS_ENV
+
+os.environ.update(BLAS_ENV)  # before numpy: the in-process reference scans single-threaded too
+
+from bench import designs, report, scenarios  # noqa: E402
+from bench.designs import Table  # noqa: E402
+from bench.scenarios import Bench, Profile  # noqa: E402
+
+GIB_ROWS_128 = 2**30 // (128 * 4)  # rows of a 1 GiB float32 table at dim 128
+
+
+def profiles() -> dict[str, Profile]:
+    return {
+        "smoke": Profile(
+            name="smoke", load_table=Table(20_000, 32), reps=1, warmup=0.2, duration=0.6, drain=0.5, timeout=3.0,
+            concurrency=[1], concurrency_duration=0.6, inproc_queries=10, start_timeout=60.0,
+        ),
+        "quick": Profile(
+            name="quick", load_table=Table(524_288, 128), reps=2, warmup=0.3, duration=1.2, drain=1.5, timeout=5.0,
+            concurrency=[1, 2, 8], concurrency_duration=1.0, inproc_queries=20,
+            memory_table=Table(524_288, 128),
+            memory_sweep=[("offload", 4, 2), ("naive-inline", 4, 0)],
+        ),
+        "full": Profile(
+            name="full", load_table=Table(1_048_576, 128), reps=3, warmup=0.5, duration=4.0, drain=3.0, timeout=10.0,
+            concurrency=[1, 2, 4, 8, 16, 32], concurrency_duration=3.0, inproc_queries=50,
+            memory_table=Table(GIB_ROWS_128, 128),
+            memory_sweep=[
+                ("offload", 1, 1), ("offload", 2, 1), ("offload", 4, 1),
+                ("offload", 1, 2), ("offload", 2, 2), ("offload", 4, 2),
+                ("naive-inline", 1, 0), ("naive-inline", 2, 0), ("naive-inline", 4, 0),
+                ("naive-executor", 1, 1), ("naive-executor", 1, 2), ("naive-executor", 2, 1),
+                ("naive-executor", 2, 2), ("naive-executor", 4, 1), ("naive-executor", 4, 2),
+            ],
+            max_private_copies=6,
+        ),
+    }
+
+
+def jobs_available() -> str | None:
+    """None when compute has jobs to measure, else why the scenario is skipped."""
+    if not (Path(__file__).resolve().parents[1] / "compute" / "jobs").is_dir():
+        return "compute/jobs/ does not exist yet (jobs issue not landed): scenario skipped"
+    return "jobs scenario not implemented in this version of the bench"
+
+
+def run(profile: Profile, out: Path, argv: list[str]) -> dict:
+    logdir = out / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict = {"meta": report.machine(), "profile": report.profile_dict(profile), "errors": []}
+    results["meta"]["command"] = " ".join(["python -m bench", *argv])
+    results["designs"] = {}
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    bench = Bench(profile, logdir, results, log)
+    log(f"profile {profile.name}: table {profile.load_table.rows} x {profile.load_table.dim}; out {out}")
+    calibration = scenarios.calibrate(bench)
+    log(f"in-process Search p50 {calibration['inproc_search_ms']['p50']:.2f} ms; "
+        f"memory read {calibration['memory_read_gb_per_s']['median']:.1f} GB/s")
+
+    table = profile.load_table
+    plans = [
+        ("offload", lambda: designs.offload(table, profile.workers, profile.pool_size, logdir)),
+        ("naive-inline", lambda: designs.naive("inline", table, profile.workers, 0, logdir)),
+        ("naive-executor", lambda: designs.naive("executor", table, profile.workers, profile.executor_pool, logdir)),
+        ("fastapi-hello", lambda: designs.hello(profile.workers, logdir)),
+    ]
+    for name, make in plans:
+        dep = make()
+        log(f"starting {dep.label}")
+        try:
+            dep.start(profile.start_timeout)
+            results["designs"][name] = {
+                "label": dep.label, "workers": dep.workers, "pool_size": dep.pool_size,
+                "startup_seconds": dep.startup_seconds, "commands": dep.commands(),
+            }
+            if name == "fastapi-hello":
+                scenarios.hop(bench, dep, "FastAPI hello-world (HTTP)", kind="hello")
+                continue
+            if name == "offload":
+                scenarios.hop(bench, dep, "GetItem via gateway (HTTP)")
+                scenarios.hop(bench, dep, "GetItem direct gRPC", grpc=True)
+                scenarios.search_concurrency(bench, dep, grpc=True)
+            elif name == "naive-inline":
+                scenarios.hop(bench, dep, "GetItem in-process FastAPI (naive-inline)")
+            scenarios.search_concurrency(bench, dep)
+            scenarios.mixed(bench, dep)
+            scenarios.standard_memory(bench, dep)
+            scenarios.overload(bench, dep)  # last: the baselines are left with a backlog
+        except Exception as exc:  # keep going: one broken design must not hide the others
+            log(f"ERROR in {name}: {exc}")
+            results["errors"].append({"design": name, "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
+        finally:
+            dep.stop()
+    try:
+        scenarios.memory_sweep(bench)
+    except Exception as exc:
+        log(f"ERROR in memory sweep: {exc}")
+        results["errors"].append({"design": "memory-sweep", "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
+    results["jobs"] = {"skipped": jobs_available()}
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    results["targets"] = report.targets(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    charts = report.charts(results, out)
+    (out / "report.md").write_text(report.markdown(results, charts))
+    log(f"done in {results['wall_seconds']} s: {out / 'report.md'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small table, short runs (~2 min)")
+    size.add_argument("--smoke", action="store_true", help="tiny table, a few seconds per design (tests)")
+    parser.add_argument("--out", type=Path, help="results directory (default bench/results/<UTC timestamp>)")
+    args = parser.parse_args(argv)
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or Path(__file__).resolve().parent / "results" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    results = run(profiles()[name], out, argv)
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

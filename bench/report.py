@@ -1,0 +1,455 @@
+"""report.md, the targets of issue 5 (met/missed), and PNG charts (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+DESIGNS = ["offload", "naive-inline", "naive-executor"]
+GIB = 2**30
+MIB = 2**20
+
+
+# -- machine and profile --------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import numpy
+
+    cpu_model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except OSError:
+        commit = "?"
+    import grpc
+    import uvicorn
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_bytes": mem_total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "grpcio": grpc.__version__,
+        "uvicorn": uvicorn.__version__,
+        "git_commit": commit,
+    }
+
+
+def profile_dict(profile) -> dict:
+    return dataclasses.asdict(profile)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def med(summary: dict | None, path: str) -> float | None:
+    if not summary:
+        return None
+    entry = summary.get(path)
+    return entry["median"] if entry else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def fmt_spread(summary: dict | None, path: str, digits: int = 1) -> str:
+    if not summary or path not in summary or summary[path]["median"] is None:
+        return "-"
+    entry = summary[path]
+    if entry["n"] > 1 and entry["min"] != entry["max"]:
+        return f"{fmt(entry['median'], digits)} [{fmt(entry['min'], digits)}–{fmt(entry['max'], digits)}]"
+    return fmt(entry["median"], digits)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _light_bad(summary: dict) -> float | None:
+    light = summary.get("light") if summary else None
+    if not light:
+        return None
+    return sum((med(light, k) or 0) for k in ("errors", "timeouts", "unfinished", "other_status"))
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+def targets(results: dict) -> list[dict]:
+    out = []
+    open_ = results.get("mixed_open", {})
+    off = open_.get("offload", {}).get("summary")
+    inl = open_.get("naive-inline", {}).get("summary")
+    off_p99 = med(off and off.get("light"), "latency_ms.p99")
+    inl_p99 = med(inl and inl.get("light"), "latency_ms.p99")
+    out.append({
+        "target": "Light p99 under mixed load (open loop) <= 10 ms",
+        "value": f"{fmt(off_p99, 2)} ms",
+        "met": off_p99 is not None and off_p99 <= 10.0,
+    })
+    r = ratio(inl_p99, off_p99)
+    out.append({
+        "target": "Light p99 at least 100x better than naive-inline (open loop)",
+        "value": f"{fmt(r, 1)}x (naive-inline {fmt(inl_p99, 1)} ms)",
+        "met": r is not None and r >= 100,
+    })
+    bad = _light_bad(off) if off else None
+    closed = results.get("mixed_closed", {}).get("offload", {}).get("summary")
+    bad_closed = _light_bad(closed) if closed else None
+    out.append({
+        "target": "0 errors on light requests (mixed load, open and closed loop)",
+        "value": f"open {fmt(bad, 0)}, closed {fmt(bad_closed, 0)} (errors+timeouts+unfinished+non-2xx)",
+        "met": bad == 0 and bad_closed == 0,
+    })
+    over = results.get("overload", {}).get("offload", {}).get("summary")
+    heavy_max = med(over and over.get("heavy"), "latency_ms.max")
+    reject_p99 = med(over and over.get("heavy"), "reject_latency_ms.p99")
+    deadline_ms = 30_000.0  # gateway default_timeout_seconds, unchanged by the bench
+    out.append({
+        "target": "Overload: admitted heavy requests finish within their deadline; excess rejected fast",
+        "value": f"admitted max {fmt(heavy_max, 0)} ms (deadline {deadline_ms:,.0f} ms); 429 p99 {fmt(reject_p99, 1)} ms",
+        "met": heavy_max is not None and heavy_max <= deadline_ms and reject_p99 is not None and reject_p99 < 100,
+    })
+    sweep = results.get("memory", {}).get("sweep", [])
+    target_row = next((r for r in sweep if r["design"] == "offload" and r["workers"] == 4 and r["pool_size"] == 2), None)
+    inline4 = next((r for r in sweep if r["design"] == "naive-inline" and r["workers"] == 4), None)
+    if target_row:
+        table = target_row["table_bytes"]
+        exact = abs(table - GIB) < 0.01 * GIB
+        pss = target_row["total_pss"] if exact else target_row["total_pss"] - table + GIB
+        vs = ratio(inline4["total_pss"], target_row["total_pss"]) if inline4 else None
+        out.append({
+            "target": "Total PSS, 4 gateway workers + 2 pool workers + 1 GB table <= 1.3 GB",
+            "value": (f"{pss / 2**30:.2f} GiB" + ("" if exact else f" (extrapolated from a {table / MIB:.0f} MiB table: "
+                      f"measured {target_row['total_pss'] / MIB:.0f} MiB)"))
+            + (f"; naive-inline 4w uses {fmt(vs, 1)}x more" if vs else ""),
+            "met": pss <= 1.3 * 2**30,
+        })
+    else:
+        out.append({"target": "Total PSS, 4 gateway workers + 2 pool workers + 1 GB table <= 1.3 GB",
+                    "value": "not measured in this profile", "met": None})
+    search = results.get("search_concurrency", {}).get("offload", {}).get("levels", {}).get("1", {}).get("summary")
+    single = med(search and search.get("heavy"), "latency_ms.p50")
+    inproc = results.get("calibration", {}).get("inproc_search_ms", {}).get("p50")
+    r = ratio(single, inproc)
+    out.append({
+        "target": "Single-query Search within 1.3x of in-process numpy (p50)",
+        "value": f"{fmt(r, 2)}x ({fmt(single, 2)} ms vs {fmt(inproc, 2)} ms)",
+        "met": r is not None and r <= 1.3,
+    })
+    return out
+
+
+# -- charts --------------------------------------------------------------------------------------
+
+
+def charts(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    # 1. latency percentiles per design, mixed load (closed and open) and overload
+    scenarios = [(k, t) for k, t in (("mixed_closed", "mixed, closed loop"), ("mixed_open", "mixed, open loop"),
+                                     ("overload", "overload (open loop)")) if results.get(k)]
+    if scenarios:
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 4.2), squeeze=False)
+        metrics = [("light", "latency_ms.p50", "light p50"), ("light", "latency_ms.p99", "light p99"),
+                   ("heavy", "latency_ms.p50", "heavy p50"), ("heavy", "latency_ms.p99", "heavy p99")]
+        for ax, (key, title) in zip(axes[0], scenarios):
+            data = results[key]
+            names = [d for d in DESIGNS if d in data]
+            width = 0.8 / len(metrics)
+            for i, (cls, path, label) in enumerate(metrics):
+                values = [med(data[d]["summary"].get(cls), path) or 0 for d in names]
+                ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (log)")
+            ax.set_title(title)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        save(fig, "latency.png")
+
+    # 2. PSS per design vs workers
+    sweep = results.get("memory", {}).get("sweep", [])
+    standard = results.get("memory", {}).get("standard", {})
+    points = list(sweep) + [v for v in standard.values()]
+    if points:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        series: dict[str, dict[int, float]] = {}
+        for row in points:
+            table_mib = row["table_bytes"] / MIB
+            if row["design"] == "offload":
+                name = f"offload pool {row['pool_size']}"
+            elif row["design"] == "naive-executor":
+                name = f"naive-executor pool {row['pool_size']}/worker"
+            else:
+                name = row["design"]
+            name += f" ({table_mib:.0f} MiB table)"
+            series.setdefault(name, {})[row["workers"]] = row["total_pss"] / MIB
+        for name, values in sorted(series.items()):
+            xs = sorted(values)
+            ax.plot(xs, [values[x] for x in xs], marker="o", label=name)
+        ax.set_xlabel("HTTP workers (gateway / uvicorn)")
+        ax.set_ylabel("total PSS, MiB")
+        ax.set_xticks([1, 2, 4])
+        ax.set_title("Memory: total PSS of all processes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "memory_pss.png")
+
+    # 3. Search throughput and p99 vs concurrency
+    conc = {k: v for k, v in results.get("search_concurrency", {}).items() if "gRPC" not in k}
+    if conc:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for name, entry in conc.items():
+            levels = sorted(entry["levels"], key=int)
+            xs = [int(x) for x in levels]
+            a1.plot(xs, [med(entry["levels"][x]["summary"]["heavy"], "throughput") or 0 for x in levels], marker="o", label=name)
+            a2.plot(xs, [med(entry["levels"][x]["summary"]["heavy"], "latency_ms.p99") or 0 for x in levels], marker="o", label=name)
+        a1.set_title("Search throughput (2xx/s)")
+        a2.set_title("Search p99 of answered (ms)")
+        for ax in (a1, a2):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "search_concurrency.png")
+
+    # 4. hop cost: CPU us per request per process tree
+    hop = results.get("hop", {})
+    if hop:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = list(hop)
+        groups = ["gateway", "compute", "app", "loadgen"]
+        bottom = [0.0] * len(names)
+        for group in groups:
+            values = [med(hop[n]["summary"]["_cpu"], f"cpu_us_per_request.{group}") or 0 for n in names]
+            if any(values):
+                ax.bar(range(len(names)), values, bottom=bottom, label=group)
+                bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+        ax.set_ylabel("CPU µs per request")
+        ax.set_title("Hop cost: CPU per GetItem, by process tree")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        save(fig, "hop_cpu.png")
+    return made
+
+
+# -- markdown -------------------------------------------------------------------------------------
+
+
+def _class_table(data: dict, title_extra: str = "") -> list[str]:
+    lines = [
+        "| design | class | 2xx/s | p50 ms | p99 ms | max ms | 429 | 429 p99 ms | errors | timeouts | unfinished |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for design in DESIGNS:
+        if design not in data:
+            continue
+        summary = data[design]["summary"]
+        for cls in ("light", "heavy"):
+            s = summary.get(cls)
+            if not s:
+                continue
+            lines.append(
+                f"| {data[design]['label']} | {cls} | {fmt_spread(s, 'throughput')} | {fmt_spread(s, 'latency_ms.p50', 2)} | "
+                f"{fmt_spread(s, 'latency_ms.p99', 2)} | {fmt_spread(s, 'latency_ms.max')} | {fmt(med(s, 'rejected_429'), 0)} | "
+                f"{fmt_spread(s, 'reject_latency_ms.p99', 2)} | {fmt(med(s, 'errors'), 0)} | {fmt(med(s, 'timeouts'), 0)} | "
+                f"{fmt(med(s, 'unfinished'), 0)} |"
+            )
+    cpu = [f"{d}: {fmt(med(data[d]['summary']['_cpu'], 'client_cpu_percent'), 0)}%" for d in DESIGNS if d in data]
+    lines.append("")
+    lines.append(f"Load generator CPU (of one core) during the window: {', '.join(cpu)}.{title_extra}")
+    return lines
+
+
+def _ratio_line(data: dict, cls: str, path: str, what: str) -> str:
+    off = med(data.get("offload", {}).get("summary", {}).get(cls), path)
+    parts = []
+    for design in ("naive-inline", "naive-executor"):
+        other = med(data.get(design, {}).get("summary", {}).get(cls), path)
+        r = ratio(other, off)
+        if r is not None:
+            parts.append(f"{design} / offload = **{r:.1f}x**")
+    return f"{what}: " + ", ".join(parts) if parts else ""
+
+
+def markdown(results: dict, chart_files: list[str]) -> str:
+    meta, prof, cal = results["meta"], results["profile"], results.get("calibration", {})
+    table = prof["load_table"]
+    L: list[str] = []
+    L.append(f"# offload benchmark — profile `{prof['name']}`")
+    L.append("")
+    L.append(f"Command: `{meta.get('command')}` (git {meta.get('git_commit')}); wall time {results.get('wall_seconds')} s.")
+    L.append("All figures come from this one run on this machine; compare designs by the ratios, not the absolute times. "
+             "Cells show median [min–max] over repetitions.")
+    L.append("")
+    L.append("## Targets (issue 5)")
+    L.append("")
+    L.append("| target | measured | status |")
+    L.append("|---|---|---|")
+    for t in results.get("targets", []):
+        status = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        L.append(f"| {t['target']} | {t['value']} | {status} |")
+    L.append("")
+    if results.get("errors"):
+        L.append("**Errors during the run:** " + "; ".join(f"{e['design']}: {e['error'][:200]}" for e in results["errors"]))
+        L.append("")
+    L.append("## Machine")
+    L.append("")
+    L.append(f"- {meta['nproc']} CPUs ({meta['cpu_model']}), {meta['memory_bytes'] / GIB:.1f} GiB RAM, Linux {meta['kernel']}")
+    L.append(f"- Python {meta['python']}, numpy {meta['numpy']}, grpcio {meta['grpcio']}, uvicorn {meta['uvicorn']}")
+    if cal:
+        L.append(f"- Memory bandwidth (numpy, 1 thread, 512 MiB): read {fmt(cal['memory_read_gb_per_s']['median'])} GB/s, "
+                 f"copy {fmt(cal['memory_copy_gb_per_s']['median'])} GB/s")
+    L.append(f"- Load table: {table['rows']:,} x {table['dim']} float32 = {table['rows'] * table['dim'] * 4 / MIB:.0f} MiB; "
+             f"standard configuration: {prof['workers']} HTTP workers everywhere, offload pool {prof['pool_size']}, "
+             f"naive-executor pool {prof['executor_pool']} per worker; BLAS 1 thread per process in every design.")
+    L.append("")
+    for key, title, note in (
+        ("mixed_closed", "Mixed load, closed loop",
+         f"{prof['connections']} connections, {100 * (1 - prof['heavy_fraction']):.0f}% GetItem (light) / "
+         f"{100 * prof['heavy_fraction']:.0f}% Search (heavy). Closed loop saturates the server, so latency here is "
+         "mostly connections / throughput."),
+        ("mixed_open", "Mixed load, open loop (fixed offered rate)",
+         "Same mix at a fixed rate below capacity; latency from the scheduled send time (queueing counted)."),
+        ("overload", "Overload: heavy requests offered above capacity", "Open loop, up to 256 connections."),
+    ):
+        data = results.get(key)
+        if not data:
+            continue
+        L.append(f"## {title}")
+        L.append("")
+        any_entry = next(iter(data.values()))
+        if "rate" in any_entry:
+            note += f" Offered: {any_entry['rate']:.0f} req/s."
+        if "heavy_rate" in any_entry:
+            note += f" Offered: {any_entry['heavy_rate']:.0f} Search/s + {any_entry['light_rate']:.0f} GetItem/s."
+        L.append(note)
+        L.append("")
+        L.extend(_class_table(data))
+        L.append("")
+        for cls, what in (("light", "Light p99"), ("heavy", "Heavy p99")):
+            line = _ratio_line(data, cls, "latency_ms.p99", what)
+            if line:
+                L.append(f"- {line}")
+        L.append("")
+    hop = results.get("hop")
+    if hop:
+        L.append("## Hop cost (GetItem, closed loop)")
+        L.append("")
+        L.append(f"{prof['hop_connections']} connections/concurrent calls. CPU µs per request measured with psutil over "
+                 "the window for each process tree (gateway = uvicorn master + workers; compute = compute + forkserver "
+                 "+ pool; app = a baseline's whole tree; loadgen = the load generator itself).")
+        L.append("")
+        L.append("| path | req/s | p50 ms | p99 ms | CPU µs/req: gateway | compute | app | loadgen |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for name, entry in hop.items():
+            s, c = entry["summary"]["light"], entry["summary"]["_cpu"]
+            L.append(f"| {name} | {fmt_spread(s, 'throughput')} | {fmt_spread(s, 'latency_ms.p50', 2)} | "
+                     f"{fmt_spread(s, 'latency_ms.p99', 2)} | {fmt(med(c, 'cpu_us_per_request.gateway'), 0)} | "
+                     f"{fmt(med(c, 'cpu_us_per_request.compute'), 0)} | {fmt(med(c, 'cpu_us_per_request.app'), 0)} | "
+                     f"{fmt(med(c, 'cpu_us_per_request.loadgen'), 0)} |")
+        L.append("")
+    conc = results.get("search_concurrency")
+    if conc:
+        L.append("## Search")
+        L.append("")
+        inproc = cal.get("inproc_search_ms", {}).get("p50")
+        L.append(f"In-process numpy (same `top_k`, same table, 1 BLAS thread): p50 {fmt(inproc, 2)} ms = "
+                 f"{fmt(cal.get('inproc_scan_gb_per_s'), 2)} GB/s scanned, vs measured memory read bandwidth "
+                 f"{fmt(cal.get('memory_read_gb_per_s', {}).get('median'), 2)} GB/s.")
+        L.append("")
+        L.append("| design | concurrency | Search/s | p50 ms | p99 ms | 429 | p50 / in-process | scan GB/s (p50) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for name, entry in conc.items():
+            for level in sorted(entry["levels"], key=int):
+                s = entry["levels"][level]["summary"]["heavy"]
+                p50 = med(s, "latency_ms.p50")
+                gbs = (table["rows"] * table["dim"] * 4 / (p50 / 1000) / 1e9) if p50 and level == "1" else None
+                L.append(f"| {name} | {level} | {fmt_spread(s, 'throughput')} | {fmt_spread(s, 'latency_ms.p50', 2)} | "
+                         f"{fmt_spread(s, 'latency_ms.p99', 2)} | {fmt(med(s, 'rejected_429'), 0)} | "
+                         f"{fmt(ratio(p50, inproc), 2) if level == '1' else '-'} | {fmt(gbs, 2)} |")
+        L.append("")
+    mem = results.get("memory", {})
+    if mem.get("standard") or mem.get("sweep"):
+        L.append("## Memory (total PSS over every process of the setup)")
+        L.append("")
+        L.append("| setup | table MiB | processes | total PSS MiB | total USS MiB | summed RSS MiB (double counts) | PSS / table |")
+        L.append("|---|---|---|---|---|---|---|")
+        for row in list(mem.get("sweep", [])) + list(mem.get("standard", {}).values()):
+            L.append(f"| {row['label']} | {row['table_bytes'] / MIB:.0f} | {row['processes']} | {row['total_pss'] / MIB:,.0f} | "
+                     f"{row['total_uss'] / MIB:,.0f} | {row['summed_rss'] / MIB:,.0f} | {row['total_pss'] / row['table_bytes']:.2f} |")
+        L.append("")
+        for skip in mem.get("skipped", []):
+            L.append(f"- Not run: {skip['design']} {skip['workers']}w x pool {skip['pool_size']}: {skip['reason']} "
+                     f"(expected ≈ {skip['copies']} x table).")
+        L.append("")
+        std = mem.get("standard", {}).get("offload")
+        if std:
+            L.append("Per-process, offload standard configuration:")
+            L.append("")
+            L.append("| group | role | pid | PSS MiB | USS MiB | RSS MiB |")
+            L.append("|---|---|---|---|---|---|")
+            for p in std["per_process"]:
+                L.append(f"| {p['group']} | {p['role']} | {p['pid']} | {p['pss'] / MIB:.1f} | {p['uss'] / MIB:.1f} | {p['rss'] / MIB:.1f} |")
+            L.append("")
+    L.append("## Jobs")
+    L.append("")
+    L.append(str(results.get("jobs", {}).get("skipped", "")))
+    L.append("")
+    if chart_files:
+        L.append("## Charts")
+        L.append("")
+        for name in chart_files:
+            L.append(f"![{name}]({name})")
+        L.append("")
+    L.append("## Exact commands")
+    L.append("")
+    L.append("```")
+    for name, entry in results.get("designs", {}).items():
+        for command in entry["commands"]:
+            L.append(f"# {name}\n{command}")
+    L.append("# load generator (config JSON in results.json, per repetition)")
+    L.append("python -m bench.loadgen '<config>'")
+    L.append("```")
+    L.append("")
+    return "\n".join(L)

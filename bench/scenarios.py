@@ -1,0 +1,257 @@
+"""The scenarios of issue 5, each a function over a running deployment that fills `results`."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench import designs, memory
+from bench.designs import Deployment, Table
+from bench.runner import HEAVY, LIGHT, repeat, spread, summarise, summarise_classes
+
+
+@dataclass
+class Profile:
+    name: str
+    load_table: Table
+    workers: int = 2  # gateway / uvicorn workers of the standard configuration
+    pool_size: int = 2  # offload's pool
+    executor_pool: int = 1  # per uvicorn worker, naive-executor
+    reps: int = 2
+    warmup: float = 0.5
+    duration: float = 2.0
+    drain: float = 2.0
+    timeout: float = 5.0
+    connections: int = 100
+    heavy_fraction: float = 0.05
+    hop_connections: int = 16
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    concurrency_duration: float = 1.5
+    inproc_queries: int = 30
+    memory_table: Table | None = None
+    memory_sweep: list[tuple[str, int, int]] = field(default_factory=list)  # (design, workers, pool)
+    max_private_copies: int = 6
+    start_timeout: float = 180.0
+
+
+@dataclass
+class Bench:
+    profile: Profile
+    logdir: Path
+    results: dict
+    log: callable = print
+
+    def base(self, **overrides) -> dict:
+        config = {
+            "warmup": self.profile.warmup,
+            "duration": self.profile.duration,
+            "drain": self.profile.drain,
+            "timeout": self.profile.timeout,
+            "seed": 7,
+        }
+        config.update(overrides)
+        return config
+
+
+# -- calibration in-process ---------------------------------------------------------------------
+
+
+def calibrate(bench: Bench) -> dict:
+    """In-process numpy Search on the same table (the 1.0x reference) and memory bandwidth."""
+    from compute.search import top_k
+    from compute.table import normalised_query, synthetic_arrays
+
+    table = bench.profile.load_table
+    vectors, ids = synthetic_arrays(table.rows, table.dim, table.seed)
+    rng = np.random.default_rng(7)
+    queries = rng.standard_normal((bench.profile.inproc_queries, table.dim), dtype=np.float32).tolist()
+    top_k(vectors, ids, normalised_query(queries[0], table.dim), 10)  # warm
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        top_k(vectors, ids, normalised_query(query, table.dim), 10)
+        times.append(time.perf_counter() - started)
+    del vectors, ids
+    gc.collect()
+    latency = np.asarray(times) * 1000
+    size = 512 * 2**20
+    buffer = np.ones(size // 8)
+    target = np.empty_like(buffer)
+    read, copy = [], []
+    for _ in range(3):
+        started = time.perf_counter()
+        buffer.sum()
+        read.append(size / (time.perf_counter() - started) / 1e9)
+        started = time.perf_counter()
+        np.copyto(target, buffer)
+        copy.append(2 * size / (time.perf_counter() - started) / 1e9)  # bytes read + written
+    del buffer, target
+    gc.collect()
+    p50 = float(np.percentile(latency, 50))
+    result = {
+        "table_vector_bytes": table.vector_bytes,
+        "queries": len(times),
+        "inproc_search_ms": {"p50": p50, "p99": float(np.percentile(latency, 99)), "min": float(latency.min())},
+        "inproc_scan_gb_per_s": table.vector_bytes / (p50 / 1000) / 1e9,
+        "memory_read_gb_per_s": spread(read),
+        "memory_copy_gb_per_s": spread(copy),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
+    bench.results["calibration"] = result
+    return result
+
+
+def open_rate(bench: Bench) -> float:
+    """Offered rate of the open-loop mixed load: Search work ~half a core, 50..400 req/s."""
+    search_s = bench.results["calibration"]["inproc_search_ms"]["p50"] / 1000
+    return float(min(400.0, max(50.0, 0.5 / (bench.profile.heavy_fraction * search_s))))
+
+
+def overload_rates(bench: Bench) -> tuple[float, float]:
+    """(heavy, light) offered rates: heavy at ~2x what all cores could scan, light at 100/s."""
+    search_s = bench.results["calibration"]["inproc_search_ms"]["p50"] / 1000
+    return float(min(1500.0, 2 * (os.cpu_count() or 1) / search_s)), 100.0
+
+
+# -- scenarios on one deployment ----------------------------------------------------------------
+
+
+def _store(bench: Bench, scenario: str, key: str, reps: list[dict], extra: dict | None = None) -> None:
+    entry = {"reps": reps, "summary": summarise_classes(reps)}
+    if extra:
+        entry.update(extra)
+    bench.results.setdefault(scenario, {})[key] = entry
+
+
+def mixed(bench: Bench, dep: Deployment) -> None:
+    p = bench.profile
+    classes = [dict(LIGHT, weight=1 - p.heavy_fraction), dict(HEAVY, weight=p.heavy_fraction)]
+    bench.log(f"  mixed closed-loop, {p.connections} connections")
+    reps = repeat(dep, bench.base(mode="closed", connections=p.connections, classes=classes), p.reps)
+    _store(bench, "mixed_closed", dep.design, reps, {"label": dep.label})
+    rate = open_rate(bench)
+    bench.log(f"  mixed open-loop, {rate:.0f} req/s offered")
+    reps = repeat(dep, bench.base(mode="open", rate=rate, connections=p.connections, classes=classes), p.reps)
+    _store(bench, "mixed_open", dep.design, reps, {"label": dep.label, "rate": rate})
+
+
+def overload(bench: Bench, dep: Deployment) -> None:
+    heavy_rate, light_rate = overload_rates(bench)
+    total = heavy_rate + light_rate
+    classes = [dict(LIGHT, weight=light_rate / total), dict(HEAVY, weight=heavy_rate / total)]
+    bench.log(f"  overload: {heavy_rate:.0f} Search/s + {light_rate:.0f} GetItem/s offered")
+    config = bench.base(mode="open", rate=total, connections=256, classes=classes)
+    reps = repeat(dep, config, max(1, bench.profile.reps - 1))
+    _store(bench, "overload", dep.design, reps, {"label": dep.label, "heavy_rate": heavy_rate, "light_rate": light_rate})
+
+
+def hop(bench: Bench, dep: Deployment, name: str, kind: str = "get_item", grpc: bool = False) -> None:
+    p = bench.profile
+    bench.log(f"  hop: {name}")
+    config = bench.base(mode="closed", connections=p.hop_connections, classes=[{"name": "light", "kind": kind}])
+    reps = repeat(dep, config, p.reps, grpc=grpc)
+    _store(bench, "hop", name, reps, {"label": dep.label, "design": dep.design})
+
+
+def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False) -> None:
+    p = bench.profile
+    key = dep.design + (" (direct gRPC)" if grpc else "")
+    levels = [1] if grpc else p.concurrency
+    out = {}
+    for level in levels:
+        bench.log(f"  search: {key}, concurrency {level}")
+        config = bench.base(
+            mode="closed", connections=level, duration=p.concurrency_duration, classes=[{"name": "heavy", "kind": "search"}]
+        )
+        reps = repeat(dep, config, p.reps if level == 1 else 1, grpc=grpc)
+        out[str(level)] = {"reps": reps, "summary": summarise_classes(reps)}
+    bench.results.setdefault("search_concurrency", {})[key] = {"label": dep.label, "levels": out}
+
+
+def memory_snapshot(dep: Deployment) -> dict:
+    measured = memory.measure(dep.processes())
+    measured.update(
+        design=dep.design,
+        label=dep.label,
+        workers=dep.workers,
+        pool_size=dep.pool_size,
+        table_bytes=dep.table.vector_bytes,
+        shm_bytes=memory.shm_bytes(dep.shm_dir),
+    )
+    return measured
+
+
+def standard_memory(bench: Bench, dep: Deployment) -> None:
+    bench.results.setdefault("memory", {}).setdefault("standard", {})[dep.design] = memory_snapshot(dep)
+
+
+# -- memory sweep ---------------------------------------------------------------------------------
+
+
+def _touch(bench: Bench, dep: Deployment) -> None:
+    """A short mixed load so every worker has served requests (and mapped what it uses)."""
+    spread_over = max(2, dep.workers * max(1, dep.pool_size) * 2)
+    config = bench.base(
+        mode="closed", connections=spread_over, warmup=0.2, duration=1.0, drain=5.0, timeout=30.0,
+        classes=[dict(LIGHT, weight=0.5), dict(HEAVY, weight=0.5)],
+    )
+    repeat(dep, config, 1)
+
+
+def memory_sweep(bench: Bench) -> None:
+    p = bench.profile
+    if p.memory_table is None or not p.memory_sweep:
+        return
+    table = p.memory_table
+    rows = bench.results.setdefault("memory", {}).setdefault("sweep", [])
+    skipped = bench.results["memory"].setdefault("skipped", [])
+    computes: dict[int, Deployment] = {}
+    try:
+        for design, workers, pool in p.memory_sweep:
+            copies = workers * (1 + pool) if design == "naive-executor" else workers
+            if design != "offload" and copies > p.max_private_copies:
+                skipped.append(
+                    {"design": design, "workers": workers, "pool_size": pool, "copies": copies,
+                     "reason": f"{copies} private copies of {table.vector_bytes / 2**30:.2f} GiB exceed the cap of {p.max_private_copies}"}
+                )
+                continue
+            bench.log(f"  memory: {design} workers={workers} pool={pool} table={table.vector_bytes / 2**20:.0f} MiB")
+            if design == "offload":
+                base = computes.get(pool)
+                if base is None:
+                    for old in computes.values():
+                        old.stop()
+                    computes.clear()
+                    dep = designs.offload(table, workers, pool, bench.logdir).start(p.start_timeout)
+                    computes[pool] = dep
+                else:
+                    dep = designs.offload(table, workers, pool, bench.logdir, compute=base.groups["compute"])
+                    dep.start(p.start_timeout)
+            else:
+                base = None
+                mode = design.removeprefix("naive-")
+                dep = designs.naive(mode, table, workers, pool, bench.logdir).start(p.start_timeout)
+            try:
+                _touch(bench, dep)
+                snapshot = memory_snapshot(dep)
+                if base is not None:
+                    snapshot = memory.measure({"gateway": dep.groups["gateway"].processes(), "compute": base.groups["compute"].processes()})
+                    snapshot.update(design=design, label=dep.label, workers=workers, pool_size=pool,
+                                    table_bytes=table.vector_bytes, shm_bytes=memory.shm_bytes(base.shm_dir))
+                snapshot["startup_seconds"] = dep.startup_seconds
+                rows.append(snapshot)
+                bench.log(f"    total PSS {snapshot['total_pss'] / 2**20:.0f} MiB over {snapshot['processes']} processes")
+            finally:
+                if computes.get(pool) is not dep:
+                    dep.stop()  # the base offload deployment (compute + first gateway) is stopped below
+            if design == "offload" and computes.get(pool) is dep:
+                # Keep compute, drop this first gateway so the next gateway sizes are measured alone.
+                dep.services[-1].stop()
+    finally:
+        for dep in computes.values():
+            dep.stop()

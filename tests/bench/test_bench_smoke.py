@@ -1,0 +1,80 @@
+"""`python -m bench --smoke` runs end to end and writes a sane report (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DESIGNS = ("offload", "naive-inline", "naive-executor")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench-smoke")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    return out, proc
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_succeeds(smoke_run) -> None:
+    out, proc = smoke_run
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["errors"] == []
+
+
+def test_results_cover_every_design_and_scenario(smoke_run) -> None:
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    for scenario in ("mixed_closed", "mixed_open", "overload"):
+        assert set(DESIGNS) <= set(results[scenario]), scenario
+        for design in DESIGNS:
+            summary = results[scenario][design]["summary"]
+            light = summary["light"]
+            assert light["ok"]["median"] > 0, (scenario, design)
+            assert light["latency_ms.p50"]["median"] > 0
+            assert light["latency_ms.p50"]["median"] <= light["latency_ms.p99"]["median"] <= light["latency_ms.max"]["median"]
+            assert results[scenario][design]["reps"][0]["client_cpu_seconds"] >= 0
+    # No light request of offload failed in the mixed loads.
+    for scenario in ("mixed_closed", "mixed_open"):
+        light = results[scenario]["offload"]["summary"]["light"]
+        assert light["errors"]["median"] == 0 and light["timeouts"]["median"] == 0
+    assert {"GetItem via gateway (HTTP)", "GetItem direct gRPC", "FastAPI hello-world (HTTP)"} <= set(results["hop"])
+    assert results["calibration"]["inproc_search_ms"]["p50"] > 0
+    assert results["calibration"]["memory_read_gb_per_s"]["median"] > 0
+
+
+def test_memory_is_pss_over_all_processes(smoke_run) -> None:
+    out, _ = smoke_run
+    standard = json.loads((out / "results.json").read_text())["memory"]["standard"]
+    offload = standard["offload"]
+    roles = {p["group"] for p in offload["per_process"]}
+    assert roles == {"gateway", "compute"}
+    # 2 gateway workers + master, compute + forkserver + 2 pool workers at least.
+    assert offload["processes"] >= 6
+    assert offload["total_pss"] == sum(p["pss"] for p in offload["per_process"])
+    assert offload["total_pss"] <= offload["summed_rss"]
+    executor = standard["naive-executor"]
+    assert executor["processes"] >= 5  # master + 2 workers + 2 executor processes
+
+
+def test_report_and_charts_written(smoke_run) -> None:
+    out, _ = smoke_run
+    report = (out / "report.md").read_text()
+    for heading in ("## Targets (issue 5)", "## Machine", "## Mixed load, open loop", "## Hop cost", "## Memory", "## Search"):
+        assert heading in report
+    assert "met**" in report or "missed**" in report
+    for chart in ("latency.png", "memory_pss.png", "search_concurrency.png", "hop_cpu.png"):
+        data = (out / chart).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, chart
