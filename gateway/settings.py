@@ -6,27 +6,12 @@ lists and dicts are JSON, e.g. `OFFLOAD_GATEWAY_ROUTE_TIMEOUTS='{"Search": 10}'`
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def is_loopback_target(target: str) -> bool:
-    """True for unix sockets and loopback host:port targets (no TLS needed there)."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    for prefix in ("dns:///", "ipv4:", "ipv6:"):
-        if target.startswith(prefix):
-            target = target[len(prefix):]
-    host = target.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from offload.addresses import is_loopback
 
 
 class GatewaySettings(BaseSettings):
@@ -76,7 +61,7 @@ class GatewaySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "GatewaySettings":
-        if self.tls_ca_file is None and not self.insecure_remote and not is_loopback_target(self.compute_address):
+        if self.tls_ca_file is None and not self.insecure_remote and not is_loopback(self.compute_address):
             raise ValueError(
                 f"refusing plaintext gRPC to non-loopback compute {self.compute_address!r}: "
                 "set OFFLOAD_GATEWAY_TLS_CA_FILE (or OFFLOAD_GATEWAY_INSECURE_REMOTE=true)"
