@@ -312,6 +312,39 @@ def _ratio_line(data: dict, cls: str, path: str, what: str) -> str:
     return f"{what}: " + ", ".join(parts) if parts else ""
 
 
+def _jobs_section(jobs: dict) -> list[str]:
+    L = ["## Jobs", ""]
+    if "skipped" in jobs or not jobs.get("reps"):
+        L += [str(jobs.get("skipped", "jobs scenario did not run")), ""]
+        return L
+    s, f = jobs["summary"], jobs["fairness"]
+    L.append(f"{jobs['label']}, direct gRPC to compute. {jobs['queries']} random queries, k={jobs['k']}: one batch_search "
+             f"job (SubmitJob, GetJob polled every {1000 * jobs['config']['poll']:.0f} ms until SUCCEEDED) vs the same "
+             f"queries as Search calls, {jobs['concurrency']} in flight (= pool size). Fairness: sequential Search for "
+             f"up to {fmt(f['window_seconds'])} s with no job, then while a {f['big_job_queries']}-query job runs "
+             f"({f['jobs_submitted']} SubmitJob).")
+    L.append("")
+    L.append("| measure | value |")
+    L.append("|---|---|")
+    L.append(f"| batch job, queries/s | {fmt_spread(s, 'job_qps')} |")
+    L.append(f"| direct Search, queries/s | {fmt_spread(s, 'direct_qps')} |")
+    L.append(f"| job / direct | **{fmt_spread(s, 'ratio', 2)}** |")
+    idle, busy = f["idle_ms"], f["busy_ms"]
+    L.append(f"| Search p50 / p99 ms, no job (n={idle['n']}) | {fmt(idle['p50'], 2)} / {fmt(idle['p99'], 2)} |")
+    L.append(f"| Search p50 / p99 ms, big job running (n={busy['n']}) | {fmt(busy['p50'], 2)} / {fmt(busy['p99'], 2)} |")
+    L.append(f"| Search p50 / p99 ratio (job running / none) | **{fmt(f.get('p50_ratio'), 2)} / {fmt(f.get('p99_ratio'), 2)}** |")
+    L.append("")
+    r, p99 = med(s, "ratio"), f.get("p99_ratio")
+    L.append(f"A batch job reaches {fmt(r, 2)}x the query throughput of direct Search calls at pool-size concurrency "
+             "(a job scans the table once per chunk of queries, but runs one chunk at a time, i.e. on one pool worker). "
+             f"While the big job ran, interactive Search p99 was {fmt(p99, 2)}x its value with no job"
+             + (" (few samples: the job finished quickly)." if busy["n"] < 20 else ".")
+             + (" The big job was still running when the window ended and was cancelled."
+                if f.get("big_job_cancelled_after_window") else ""))
+    L.append("")
+    return L
+
+
 def markdown(results: dict, chart_files: list[str]) -> str:
     meta, prof, cal = results["meta"], results["profile"], results.get("calibration", {})
     table = prof["load_table"]
@@ -432,10 +465,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
             for p in std["per_process"]:
                 L.append(f"| {p['group']} | {p['role']} | {p['pid']} | {p['pss'] / MIB:.1f} | {p['uss'] / MIB:.1f} | {p['rss'] / MIB:.1f} |")
             L.append("")
-    L.append("## Jobs")
-    L.append("")
-    L.append(str(results.get("jobs", {}).get("skipped", "")))
-    L.append("")
+    L.extend(_jobs_section(results.get("jobs", {})))
     if chart_files:
         L.append("## Charts")
         L.append("")

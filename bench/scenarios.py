@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +15,7 @@ import numpy as np
 
 from bench import designs, memory
 from bench.designs import Deployment, Table
+from bench.procs import ROOT, base_env
 from bench.runner import HEAVY, LIGHT, repeat, spread, summarise, summarise_classes
 
 
@@ -37,6 +41,9 @@ class Profile:
     memory_sweep: list[tuple[str, int, int]] = field(default_factory=list)  # (design, workers, pool)
     max_private_copies: int = 6
     start_timeout: float = 180.0
+    jobs_queries: int = 512  # batch throughput: N queries per job (and as direct Search calls)
+    jobs_fairness_seconds: float = 2.0  # each Search latency window of the fairness check
+    jobs_fairness_factor: int = 4  # the big job of the fairness check: factor x N queries
 
 
 @dataclass
@@ -171,6 +178,31 @@ def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False) -> Non
         reps = repeat(dep, config, p.reps if level == 1 else 1, grpc=grpc)
         out[str(level)] = {"reps": reps, "summary": summarise_classes(reps)}
     bench.results.setdefault("search_concurrency", {})[key] = {"label": dep.label, "levels": out}
+
+
+def jobs(bench: Bench, dep: Deployment) -> None:
+    """Batch job vs direct Search throughput, and Search latency while a big job runs (own process)."""
+    p = bench.profile
+    config = {
+        "grpc_target": dep.grpc_target, "dim": dep.table.dim, "queries": p.jobs_queries, "k": 10,
+        "concurrency": max(1, dep.pool_size), "reps": p.reps, "timeout": max(p.timeout, 10.0),
+        # Per wait (a job, the N direct calls): ~10x the single-core scan time of N queries, at least 2 min.
+        "job_timeout": max(120.0, 10 * p.jobs_queries * bench.results["calibration"]["inproc_search_ms"]["p50"] / 1000),
+        "poll": 0.02, "fairness_seconds": p.jobs_fairness_seconds, "fairness_factor": p.jobs_fairness_factor, "seed": 7,
+    }
+    bench.log(f"  jobs: {p.jobs_queries} queries x {p.reps} reps, fairness {p.jobs_fairness_factor}x in {p.jobs_fairness_seconds} s windows")
+    argv = [sys.executable, "-m", "bench.jobs", json.dumps(config, separators=(",", ":"))]
+    # Bound: every rep (job + direct) and the big job each within job_timeout, plus the windows.
+    bound = config["job_timeout"] * (2 * p.reps + 1) + 2 * p.jobs_fairness_seconds + 60.0
+    proc = subprocess.run(argv, cwd=ROOT, env=base_env({}), capture_output=True, text=True, timeout=bound)
+    result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"jobs scenario failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result.update(
+        design=dep.design, label=dep.label, pool_size=dep.pool_size, command=" ".join(argv[:3]) + " '<config>'",
+        config=config, summary={key: spread([r[key] for r in result["reps"]]) for key in ("job_qps", "direct_qps", "ratio")},
+    )
+    bench.results["jobs"] = result
 
 
 def memory_snapshot(dep: Deployment) -> dict:

@@ -72,9 +72,26 @@ def test_memory_is_pss_over_all_processes(smoke_run) -> None:
 def test_report_and_charts_written(smoke_run) -> None:
     out, _ = smoke_run
     report = (out / "report.md").read_text()
-    for heading in ("## Targets (issue 5)", "## Machine", "## Mixed load, open loop", "## Hop cost", "## Memory", "## Search"):
+    for heading in ("## Targets (issue 5)", "## Machine", "## Mixed load, open loop", "## Hop cost", "## Memory", "## Search", "## Jobs"):
         assert heading in report
+    assert "| job / direct |" in report and "not implemented" not in report
     assert "met**" in report or "missed**" in report
     for chart in ("latency.png", "memory_pss.png", "search_concurrency.png", "hop_cpu.png"):
         data = (out / chart).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, chart
+
+
+def test_jobs_scenario(smoke_run) -> None:
+    out, _ = smoke_run
+    jobs = json.loads((out / "results.json").read_text())["jobs"]
+    assert "skipped" not in jobs, jobs.get("skipped")
+    assert jobs["design"] == "offload" and jobs["queries"] > 0
+    assert len(jobs["reps"]) == json.loads((out / "results.json").read_text())["profile"]["reps"]
+    for rep in jobs["reps"]:
+        assert rep["job_qps"] > 0 and rep["direct_qps"] > 0 and rep["direct_errors"] == 0
+        assert rep["ratio"] == rep["job_qps"] / rep["direct_qps"]
+    assert jobs["summary"]["ratio"]["median"] > 0
+    fairness = jobs["fairness"]
+    assert fairness["big_job_queries"] == 4 * jobs["queries"]
+    assert set(fairness["big_job_states"]) <= {"SUCCEEDED", "CANCELLED"}  # cancelled if still running after the window
+    assert fairness["idle_ms"]["n"] > 0 and fairness["idle_ms"]["p50"] <= fairness["idle_ms"]["p99"]
