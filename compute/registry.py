@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 _TAG = "__offload_operation__"
 
@@ -53,15 +53,22 @@ def heavy(method: str, *, validate: Callable[[Any, Any], None] | None = None) ->
     return mark
 
 
-def collect(module_names: Iterable[str]) -> dict[str, Operation]:
-    """Import the modules and return their operations by method name (duplicates refused)."""
-    operations: dict[str, Operation] = {}
+def find_marked(module_names: Iterable[str], attribute: str) -> Iterator[tuple[Any, Any]]:
+    """(value, mark) for each module-level value that a decorator marked with `attribute`."""
     for module_name in module_names:
         module = importlib.import_module(module_name)
         for value in vars(module).values():
-            op = getattr(value, _TAG, None)
-            if isinstance(op, Operation) and op.fn is value:
-                if op.method in operations and operations[op.method].fn is not op.fn:
-                    raise ValueError(f"two operations for {op.method}")
-                operations[op.method] = op
+            mark = getattr(value, attribute, None)
+            if mark is not None:
+                yield value, mark
+
+
+def collect(module_names: Iterable[str]) -> dict[str, Operation]:
+    """Import the modules and return their operations by method name (duplicates refused)."""
+    operations: dict[str, Operation] = {}
+    for value, op in find_marked(module_names, _TAG):
+        if isinstance(op, Operation) and op.fn is value:
+            if op.method in operations and operations[op.method].fn is not op.fn:
+                raise ValueError(f"two operations for {op.method}")
+            operations[op.method] = op
     return operations

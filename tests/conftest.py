@@ -34,6 +34,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float) -> int:
+    """SIGTERM a process we started and wait (SIGKILL after `timeout`); its exit code. Idempotent."""
+    if proc is None or proc.poll() is not None:
+        return proc.returncode if proc else 0
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
 @dataclass
 class ComputeProcess:
     """A real `python -m compute`, started by a test. Stop it with stop()/kill()."""
@@ -113,14 +125,7 @@ class ComputeProcess:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return terminate(self.proc, timeout)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -19,7 +19,6 @@ Like heavy operations, job-type modules must not import grpc.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterable
 from google.protobuf import message as pb_message
 from google.protobuf import message_factory
 
+from compute.registry import find_marked
 from offload.v1 import jobs_pb2
 
 _TAG = "__offload_job_type__"
@@ -80,14 +80,11 @@ def _resolve(job: JobType) -> JobType:
 def collect(module_names: Iterable[str]) -> dict[str, JobType]:
     """Import the modules and return their job types by name (duplicates refused)."""
     types: dict[str, JobType] = {}
-    for module_name in module_names:
-        module = importlib.import_module(module_name)
-        for value in vars(module).values():
-            job = getattr(value, _TAG, None)
-            if isinstance(job, JobType) and job.plan is value:
-                if job.name in types and types[job.name].plan is not job.plan:
-                    raise ValueError(f"two job types named {job.name!r}")
-                types[job.name] = _resolve(job)
+    for value, job in find_marked(module_names, _TAG):
+        if isinstance(job, JobType) and job.plan is value:
+            if job.name in types and types[job.name].plan is not job.plan:
+                raise ValueError(f"two job types named {job.name!r}")
+            types[job.name] = _resolve(job)
     return types
 
 

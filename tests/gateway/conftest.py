@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ComputeLauncher, wait_until
+from tests.conftest import ROOT, ComputeLauncher, wait_until, terminate
 
 TEST_PROTO_MODULES = ["offload.v1.compute_pb2", "offload.testing.v1.testing_pb2"]
 
@@ -70,14 +69,7 @@ class GatewayProcess:
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and wait; idempotent."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return terminate(self.proc, timeout)
 
 
 class GatewayLauncher:
