@@ -52,6 +52,9 @@ class Dispatcher:
     def __init__(self, operations: dict[str, Operation], metrics: CallMetrics) -> None:
         self._operations = operations
         self._metrics = metrics
+        # Bound once per method, not looked up on every call.
+        self._short_names = {name: name.rsplit(".", 1)[1] for name in operations}
+        self._latency = {name: metrics.seconds.labels(short) for name, short in self._short_names.items()}
         self._runtime: Runtime | None = None
         # Request ids of the calls being served, for the heartbeat's stall report.
         self.inflight: dict[int, str] = {}
@@ -96,8 +99,7 @@ class Dispatcher:
         started = time.perf_counter()
         code = "OK"
         ctx = request_context(grpc_context)
-        token = object()
-        self.inflight[id(token)] = ctx.request_id
+        self.inflight[id(ctx)] = ctx.request_id
         try:
             with context.bound(ctx):
                 try:
@@ -122,10 +124,9 @@ class Dispatcher:
                             extra={"method": op.method, "code": code, "seconds": round(time.perf_counter() - started, 6)},
                         )
         finally:
-            self.inflight.pop(id(token), None)
-            method = op.method.rsplit(".", 1)[1]
-            self._metrics.calls.labels(method, code).inc()
-            self._metrics.seconds.labels(method).observe(time.perf_counter() - started)
+            self.inflight.pop(id(ctx), None)
+            self._metrics.calls.labels(self._short_names[op.method], code).inc()
+            self._latency[op.method].observe(time.perf_counter() - started)
 
     def _unary(self, op: Operation) -> Callable:
         is_async = inspect.iscoroutinefunction(op.fn)
