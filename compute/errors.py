@@ -57,3 +57,9 @@ class ResourceExhausted(ComputeError):
 
     def __reduce__(self):  # keep retry_after across pickling
         return (type(self), (self.message, self.retry_after))
+
+
+class Internal(ComputeError):
+    """A bug in an operation: logged with its stack where it happened; callers see only this."""
+
+    code = "INTERNAL"

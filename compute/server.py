@@ -23,11 +23,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from compute import pool as pool_module
 from compute import registry, shm
+from compute import batching as batching_module
+from compute.batching import BatchingServicer, BatchMetrics
+from compute.calls import CallPath
 from compute.jobs.runner import JobService
 from compute.metrics import CallMetrics, PoolCollector
 from compute.pool import HealingPool
 from compute.runtime import Runtime
-from compute.servicer import Dispatcher
+from compute.servicer import OperationServicer
 from compute.settings import ComputeSettings
 from compute.table import EmbeddingTable
 from offload.heartbeat import Heartbeat
@@ -53,7 +56,7 @@ class ComputeServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._dispatcher: Dispatcher | None = None
+        self._calls: CallPath | None = None
         self._metrics_httpd = None
         self._readiness_task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -74,11 +77,11 @@ class ComputeServer:
         shm.sweep_stale(settings.shm_dir)
         pool_module.prepare(settings.blas_threads)
         operations = registry.collect(settings.operation_modules)
-        self._dispatcher = Dispatcher(operations, CallMetrics(self.registry))
+        calls = self._calls = CallPath(operations, CallMetrics(self.registry))
         self.heartbeat = Heartbeat(
             interval=settings.heartbeat_interval,
             stall_threshold=settings.stall_threshold,
-            inflight=lambda: list(self._dispatcher.inflight.values()),
+            inflight=lambda: list(calls.inflight.values()),
             registry=self.registry,
         )
         self.heartbeat.start()
@@ -86,7 +89,7 @@ class ComputeServer:
             PoolCollector(lambda: self.pool.stats() if self.pool else None, lambda: self.table.nbytes if self.table else 0)
         )
         self._start_metrics_http()
-        await self._start_grpc(self._dispatcher)
+        await self._start_grpc(calls)
 
         self.table = await asyncio.to_thread(
             EmbeddingTable.build,
@@ -114,7 +117,7 @@ class ComputeServer:
         self.jobs = JobService.from_runtime(self.runtime)
         await self.jobs.start()
         self.runtime.services["jobs"] = self.jobs
-        self._dispatcher.activate(self.runtime)
+        calls.activate(self.runtime)
         await self._update_health()
         self._readiness_task = asyncio.get_running_loop().create_task(self._watch_readiness())
         log.info(
@@ -123,7 +126,7 @@ class ComputeServer:
                 "address": settings.address,
                 "port": self.bound_port,
                 "metrics_port": self.metrics_port,
-                "services": self._dispatcher.service_names(),
+                "services": calls.service_names(),
                 "pool_workers": self.pool.worker_pids(),
                 "startup_seconds": round(time.perf_counter() - started, 3),
             },
@@ -159,8 +162,8 @@ class ComputeServer:
         if self._server is not None:
             # New calls are refused at once; in-flight calls get `grace` seconds.
             await self._server.stop(grace)
-        if self._dispatcher is not None:
-            self._dispatcher.ready = False
+        if self._calls is not None:
+            self._calls.ready = False
         if self.jobs is not None:
             await self.jobs.stop()  # before the pool: running chunks are stopped, their jobs requeued
         if self.pool is not None:
@@ -176,7 +179,7 @@ class ComputeServer:
 
     # -- pieces ---------------------------------------------------------------------------
 
-    async def _start_grpc(self, dispatcher: Dispatcher) -> None:
+    async def _start_grpc(self, calls: CallPath) -> None:
         settings = self.settings
         limit = settings.max_message_bytes
         self._server = grpc.aio.server(
@@ -186,10 +189,16 @@ class ComputeServer:
                 ("grpc.so_reuseport", 0),  # a second compute on the same port must fail, not share it
             ]
         )
-        self._server.add_generic_rpc_handlers(dispatcher.handlers())
+        batching = BatchingServicer(
+            calls, max_calls=settings.batch_max_calls, max_bytes=limit, metrics=BatchMetrics(self.registry)
+        )
+        self._server.add_generic_rpc_handlers(OperationServicer(calls).handlers())
+        self._server.add_generic_rpc_handlers(batching.handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        names = dispatcher.service_names()
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        names = calls.service_names()
+        reflection.enable_server_reflection(
+            [*names, batching_module.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
         if settings.tls_cert_file is not None:
             credentials = grpc.ssl_server_credentials(
                 [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
@@ -220,7 +229,7 @@ class ComputeServer:
         )
 
     async def _set_health(self, status: int) -> None:
-        names = self._dispatcher.service_names() if self._dispatcher else []
+        names = self._calls.service_names() if self._calls else []
         for name in ("", *names):
             await self._health.set(name, status)
 

@@ -26,6 +26,9 @@ class ComputeSettings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics listen host")
     metrics_port: int = Field(9101, ge=-1, le=65535, description="Prometheus /metrics port (0 = any free port, -1 = off)")
     max_message_bytes: int = Field(4 * 1024 * 1024, description="Largest gRPC message accepted or sent")
+    batch_max_calls: int = Field(
+        256, ge=1, description="Most calls one Dispatch RPC (a batch from the gateway or offload.client) may carry"
+    )
     drain_grace_seconds: float = Field(10.0, description="On SIGTERM, how long in-flight calls may finish")
     operation_modules: list[str] = Field(
         ["compute.operations", "compute.jobs.operations"],

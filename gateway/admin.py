@@ -1,7 +1,7 @@
 """The FastAPI side of the gateway: /healthz, /readyz, /metrics, /docs, /openapi.json.
 
 These routes are few and cold, so they stay idiomatic FastAPI; the generated REST routes are
-served by the dispatcher in front (see dispatcher.py) but documented here, in one OpenAPI.
+served by the RestFrontend in front (frontend.py) but documented here, in one OpenAPI.
 """
 
 from __future__ import annotations
@@ -12,26 +12,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.client import ComputeClient
 from gateway.errors import ApiError
+from gateway.frontend import COMPUTE_STATE_KEY, HEARTBEAT_STATE_KEY
 from gateway.metrics import GatewayMetrics
-from offload.heartbeat import Heartbeat
-
-
-class AdminState:
-    """What the admin routes read; filled by the lifespan."""
-
-    def __init__(self) -> None:
-        self.client: ComputeClient | None = None
-        self.heartbeat: Heartbeat | None = None
 
 
 def build_admin(
     lifespan: Callable[[FastAPI], Any],
-    state: AdminState,
     metrics: GatewayMetrics,
     generated_openapi: dict[str, Any],
 ) -> FastAPI:
+    """The FastAPI app; the compute client and heartbeat come from the lifespan state."""
     app = FastAPI(
         title=generated_openapi["info"]["title"],
         version=generated_openapi["info"]["version"],
@@ -49,9 +40,11 @@ def build_admin(
         summary="Compute is SERVING and this worker's event loop is healthy",
         responses={503: {"description": "Not ready"}},
     )
-    async def readyz() -> Response:
-        heartbeat_ok = state.heartbeat is not None and state.heartbeat.healthy
-        compute_ok = state.client is not None and await state.client.serving()
+    async def readyz(request: Request) -> Response:
+        heartbeat = getattr(request.state, HEARTBEAT_STATE_KEY, None)
+        client = getattr(request.state, COMPUTE_STATE_KEY, None)
+        heartbeat_ok = heartbeat is not None and heartbeat.healthy
+        compute_ok = client is not None and await client.serving()
         metrics.ready.set(1 if compute_ok else 0)
         ready = heartbeat_ok and compute_ok
         body = {"status": "ready" if ready else "not ready", "compute": compute_ok, "event_loop": heartbeat_ok}

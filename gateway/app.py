@@ -1,8 +1,9 @@
 """Assembles the gateway ASGI app. Served by `python -m gateway` (uvicorn, factory=True).
 
 `create_app(settings)` runs once per worker: it reads the proto descriptors into routes (no
-network, no channel). The lifespan, inside the worker's running loop, opens the one gRPC
-channel and starts the heartbeat; on shutdown it closes both.
+network, no channel). The lifespan, inside the worker's running loop, opens the compute client
+and starts the heartbeat, and hands both to the routes through the lifespan state; on
+shutdown it closes both.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from gateway.admin import AdminState, build_admin
+from gateway.admin import build_admin
 from gateway.client import ComputeClient
-from gateway.dispatcher import Dispatcher
+from gateway.frontend import COMPUTE_STATE_KEY, HEARTBEAT_STATE_KEY, RestFrontend
 from gateway.json_codec import Codec
 from gateway.metrics import GatewayMetrics, worker_exited
 from gateway.openapi import build_openapi
@@ -29,44 +30,36 @@ from offload.heartbeat import Heartbeat
 log = logging.getLogger("gateway")
 
 
-def create_app(settings: GatewaySettings | None = None) -> Dispatcher:
-    """The ASGI app: a Dispatcher (its FastAPI part is `.fallback`). Call once per process."""
+def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
+    """The ASGI app: a RestFrontend (its FastAPI part is `.fallback`). Call once per process."""
     settings = settings or GatewaySettings()
     logs.configure("gateway", settings.log_level)
-    codec = Codec()
-    routes = load_routes(settings.proto_modules, codec)
+    routes = load_routes(settings.proto_modules, Codec())
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    state = AdminState()
-    dispatcher: Dispatcher
-    heartbeat = Heartbeat(
-        interval=settings.heartbeat_interval,
-        stall_threshold=settings.stall_threshold,
-        inflight=lambda: list(dispatcher.inflight.values()),
-        registry=registry,
-    )
+    inflight: dict[int, str] = {}  # shared by the frontend (writes) and the heartbeat (reports)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        client = ComputeClient(settings, routes)
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        heartbeat = Heartbeat(
+            interval=settings.heartbeat_interval,
+            stall_threshold=settings.stall_threshold,
+            inflight=lambda: list(inflight.values()),
+            registry=registry,
+        )
+        client = ComputeClient(settings, routes, observer=metrics)
         await client.start()
         heartbeat.start()
-        state.client, state.heartbeat = client, heartbeat
-        dispatcher.client = client
         log.info("gateway worker ready", extra={"routes": len(routes), "compute": settings.compute_address})
         try:
-            yield
+            yield {COMPUTE_STATE_KEY: client, HEARTBEAT_STATE_KEY: heartbeat}
         finally:
-            dispatcher.client = None
-            state.client = None
             await heartbeat.stop()
             await client.close(grace=1.0)
             worker_exited(os.getpid())
 
-    openapi = build_openapi(routes)
-    admin = build_admin(lifespan, state, metrics, openapi)
-    dispatcher = Dispatcher(routes, admin, settings, metrics)
-    return dispatcher
+    admin = build_admin(lifespan, metrics, build_openapi(routes))
+    return RestFrontend(routes, admin, settings, metrics, inflight)
 
 
 def route_table(app: Any) -> list[tuple[str, str, str]]:

@@ -17,6 +17,8 @@ import logging
 import grpc
 import orjson
 
+from offload.client import CallError
+
 log = logging.getLogger("gateway.errors")
 
 _HTTP_STATUS = {
@@ -86,29 +88,24 @@ def http_status_for(code: grpc.StatusCode) -> int:
     return _HTTP_STATUS.get(code, 500)
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
-    """Map a failed call. RESOURCE_EXHAUSTED's `retry-after` trailer becomes Retry-After."""
-    code = exc.code()
+def from_call_error(exc: CallError) -> ApiError:
+    """Map a failed call, batched or not. A server's retry hint becomes Retry-After."""
+    code = exc.code
     message = _FIXED_MESSAGES.get(code)
     if message is None:
-        message = (exc.details() or code.name.lower().replace("_", " "))[:_MAX_MESSAGE]
+        message = (exc.message or code.name.lower().replace("_", " "))[:_MAX_MESSAGE]
     headers: list[tuple[bytes, bytes]] = []
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry_after = _retry_after(exc)
+        retry_after = 1 if exc.retry_after is None else max(0, min(round(exc.retry_after), 3600))
         headers.append((b"retry-after", str(retry_after).encode()))
     elif code == grpc.StatusCode.UNAVAILABLE:
         headers.append((b"retry-after", b"1"))
     status = http_status_for(code)
     if status >= 500:
-        log.warning("compute call failed", extra={"grpc_code": code.name, "grpc_detail": (exc.details() or "")[:_MAX_MESSAGE]})
+        log.warning("compute call failed", extra={"grpc_code": code.name, "grpc_detail": (exc.message or "")[:_MAX_MESSAGE]})
     return ApiError(status, code.name, message, headers)
 
 
-def _retry_after(exc: grpc.aio.AioRpcError) -> int:
-    for key, value in exc.trailing_metadata() or ():
-        if key == "retry-after":
-            try:
-                return max(0, min(int(value), 3600))
-            except (TypeError, ValueError):
-                break
-    return 1
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
+    """Map a failed plain gRPC call (server streams)."""
+    return from_call_error(CallError.from_rpc_error(exc))

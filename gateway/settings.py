@@ -45,6 +45,14 @@ class GatewaySettings(BaseSettings):
         1000, ge=100, description="Cap of the channel's reconnect backoff: how fast the gateway notices compute is back"
     )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message received from compute")
+    batching: bool = Field(
+        True, description="Send the calls compute answers on its loop (GetItem, GetStats...) in batches: one RPC per loop iteration"
+    )
+    batch_window_seconds: float = Field(
+        0.0, ge=0, le=0.1, description="How long a call may wait for others to share its batch (0: same loop iteration only)"
+    )
+    batch_max_calls: int = Field(128, ge=1, le=4096, description="Most calls in one batch")
+    batch_max_bytes: int = Field(1 << 20, ge=1024, description="Most request bytes in one batch (bigger calls go alone)")
     readiness_timeout_seconds: float = Field(1.0, gt=0, description="Deadline of the health check behind /readyz")
     sse_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent after this much silence")
 

@@ -17,12 +17,12 @@ from typing import Any
 import grpc
 import orjson
 
-from gateway.client import ComputeClient
 from gateway.errors import ApiError, from_rpc_error
-from gateway.http import Receive, RequestHeaders, Send
+from gateway.http import Receive
 from gateway.json_codec import EncodeError
+from gateway.rest_call import RestCall
 from gateway.transcoding import Route
-from offload.context import RequestContext
+from offload.client import metadata
 
 log = logging.getLogger("gateway.sse")
 
@@ -39,34 +39,19 @@ def format_event(data: bytes, event_id: str | None = None, event: str | None = N
     return b"".join(parts)
 
 
-class _Stream:
-    def __init__(self, route: Route, call: Any) -> None:
-        self.route = route
-        self.call = call
-        self._id_field = route.sse.event_id_field if route.sse else ""
-
-    def event(self, message: Any) -> bytes:
-        payload = self.route.encode_response(message)
-        event_id = str(getattr(message, self._id_field)) if self._id_field else None
-        return format_event(orjson.dumps(payload, option=_JSON_OPTIONS), event_id)
+def stream_event(route: Route, message: Any) -> bytes:
+    payload = route.encode_response(message)
+    id_field = route.sse.event_id_field if route.sse else ""
+    event_id = str(getattr(message, id_field)) if id_field else None
+    return format_event(orjson.dumps(payload, option=_JSON_OPTIONS), event_id)
 
 
-async def serve_stream(
-    route: Route,
-    request: Any,
-    receive: Receive,
-    send: Send,
-    headers: RequestHeaders,
-    ctx: RequestContext,
-    client: ComputeClient,
-    timeout: float,
-    keepalive: float,
-) -> int:
+async def serve_stream(rest: RestCall, message: Any, timeout: float, keepalive: float) -> int:
     """Serve the stream; returns the HTTP status sent (499 if the client left before it)."""
-    call = client.call(route, request, ctx, timeout)
-    stream = _Stream(route, call)
+    route, send, ctx = rest.route, rest.send, rest.ctx
+    call = rest.compute.stream(route)(message, timeout=timeout, metadata=metadata(ctx), wait_for_ready=False)
     reader = asyncio.ensure_future(call.read())
-    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    watcher = asyncio.ensure_future(_wait_disconnect(rest.receive))
     try:
         # Headers wait for the first message (or the failure), so early errors keep their status.
         done, _ = await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -91,7 +76,7 @@ async def serve_stream(
         )
         message = first
         while message is not grpc.aio.EOF:
-            await send({"type": "http.response.body", "body": stream.event(message), "more_body": True})
+            await send({"type": "http.response.body", "body": stream_event(route, message), "more_body": True})
             reader = asyncio.ensure_future(call.read())
             while True:
                 done, _ = await asyncio.wait({reader, watcher}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED)

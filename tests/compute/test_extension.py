@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from compute import registry
 from compute.metrics import CallMetrics
 from compute.registry import Kind, Operation
-from compute.servicer import Dispatcher
+from compute.calls import CallPath
+from compute.servicer import OperationServicer
 from offload.testing.v1 import testing_pb2, testing_pb2_grpc
 
 
@@ -103,14 +104,13 @@ def test_a_method_in_no_loaded_proto_is_a_clear_error():
         return None
 
     operations = {"offload.v1.ComputeService.NoSuchMethod": Operation("offload.v1.ComputeService.NoSuchMethod", nothing, Kind.LIGHT)}
-    dispatcher = Dispatcher(operations, CallMetrics(CollectorRegistry()))
     with pytest.raises(ValueError, match=r"offload\.v1\.ComputeService\.NoSuchMethod: no such RPC in the loaded protos"):
-        dispatcher.handlers()
+        CallPath(operations, CallMetrics(CollectorRegistry()))
 
 
 def test_handlers_cover_every_registered_operation():
     operations = registry.collect(["compute.operations", "tests.operations_testing"])
-    handlers = Dispatcher(operations, CallMetrics(CollectorRegistry())).handlers()
+    handlers = OperationServicer(CallPath(operations, CallMetrics(CollectorRegistry()))).handlers()
     served = {name for handler in handlers for name in handler._method_handlers}  # "/pkg.Service/Method"
     expected = {"/" + ".".join(name.split(".")[:-1]) + "/" + name.split(".")[-1] for name in operations}
     assert served == expected

@@ -1,9 +1,12 @@
 """The ASGI entry: generated routes served directly, everything else handed to FastAPI.
 
-A plain dispatcher in front of the FastAPI app costs ~85 us per request where a FastAPI path
-operation costs ~230 us (DESIGN.md, "The hop"). It also owns what every response needs: the
-request id (accepted or generated, returned on every response, bound to log lines) and the
-per-route metrics. Errors from any layer end here as one AIP-193 response.
+A plain ASGI layer in front of the FastAPI app costs ~85 µs per request where a FastAPI path
+operation costs ~230 µs. It also owns what every response needs: the request id (accepted or
+generated, returned on every response, bound to log lines) and the per-route metrics. Errors
+from any layer end here as one AIP-193 response.
+
+What it needs at run time (the compute client, made inside each worker's loop) comes from the
+lifespan state, `scope["state"]`, as Starlette apps get it.
 """
 
 from __future__ import annotations
@@ -12,21 +15,29 @@ import logging
 import time
 from typing import Any, Callable
 
-from gateway.client import ComputeClient
-from gateway.endpoints import prepare, serve_unary
+from gateway.endpoints import serve_unary
 from gateway.errors import ApiError
 from gateway.http import ClientDisconnected, Receive, Send, parse_headers, send_error
 from gateway.metrics import GatewayMetrics
+from gateway.rest_call import RestCall
 from gateway.settings import GatewaySettings
 from gateway.sse import serve_stream
 from gateway.transcoding import Route
 from offload import context
 
-log = logging.getLogger("gateway.dispatcher")
+log = logging.getLogger("gateway.frontend")
+
+# Lifespan state entries (`scope["state"]`): this worker's ComputeClient and Heartbeat.
+COMPUTE_STATE_KEY = "compute"
+HEARTBEAT_STATE_KEY = "heartbeat"
 
 
-class Dispatcher:
-    """ASGI app. `client` is set by the lifespan (it needs the running loop)."""
+class RestFrontend:
+    """ASGI app serving the generated REST routes, with `fallback` (FastAPI) for the rest.
+
+    `inflight` maps id(scope) -> request id of the requests being served (the heartbeat
+    reports them when the loop stalls).
+    """
 
     def __init__(
         self,
@@ -34,13 +45,13 @@ class Dispatcher:
         fallback: Callable[..., Any],
         settings: GatewaySettings,
         metrics: GatewayMetrics,
+        inflight: dict[int, str],
     ) -> None:
         self.routes = routes
         self.fallback = fallback
         self.settings = settings
         self.metrics = metrics
-        self.client: ComputeClient | None = None
-        self.inflight: dict[int, str] = {}  # id(scope) -> request id, for the heartbeat's stall report
+        self.inflight = inflight
         self._by_method: dict[str, list[Route]] = {}
         for route in routes:
             self._by_method.setdefault(route.http_method, []).append(route)
@@ -63,7 +74,8 @@ class Dispatcher:
             if route is None:
                 await self._fallback(scope, receive, send, ctx.request_id, raw_path)
                 return
-            await self._serve(route, values, scope, receive, send, headers, ctx)
+            compute = scope.get("state", {}).get(COMPUTE_STATE_KEY)
+            await self._serve(RestCall(route, values, scope, receive, send, headers, ctx, compute))
 
     def _match(self, method: str, raw_path: str) -> tuple[Route | None, dict[str, str]]:
         for route in self._by_method.get(method, ()):
@@ -72,33 +84,31 @@ class Dispatcher:
                 return route, values
         return None, {}
 
-    async def _serve(self, route: Route, values: dict[str, str], scope: dict[str, Any], receive: Receive,
-                     send: Send, headers: Any, ctx: context.RequestContext) -> None:
+    async def _serve(self, call: RestCall) -> None:
+        route = call.route
         started = time.perf_counter()
-        key = id(scope)
-        self.inflight[key] = ctx.request_id
+        key = id(call.scope)
+        self.inflight[key] = call.ctx.request_id
         self.metrics.inflight.inc()
         status = 500
         try:
-            if self.client is None:
+            if call.compute is None:
                 raise ApiError.http(503, "gateway is starting")
+            message, timeout = await call.prepare(self.settings.max_body_bytes)
             if route.streaming:
-                request, timeout = await prepare(route, values, scope, receive, headers, self.client, self.settings.max_body_bytes)
-                status = await serve_stream(route, request, receive, send, headers, ctx, self.client, timeout,
-                                            self.settings.sse_keepalive_seconds)
+                status = await serve_stream(call, message, timeout, self.settings.sse_keepalive_seconds)
             else:
-                status = await serve_unary(route, values, scope, receive, send, headers, ctx, self.client,
-                                           self.settings.max_body_bytes)
+                status = await serve_unary(call, message, timeout)
         except ApiError as exc:
             status = exc.http_status
-            await send_error(send, exc, ctx.request_id)
+            await send_error(call.send, exc, call.ctx.request_id)
         except ClientDisconnected:
             status = 499
         except Exception:
             # A bug, never a stack trace to the client: log it with the request id.
             log.exception("unhandled error", extra={"rpc": route.name})
             status = 500
-            await send_error(send, ApiError.http(500, "internal error"), ctx.request_id)
+            await send_error(call.send, ApiError.http(500, "internal error"), call.ctx.request_id)
         finally:
             del self.inflight[key]
             self.metrics.inflight.dec()
@@ -106,7 +116,7 @@ class Dispatcher:
             self._latency[route.full_method].observe(elapsed)
             self.metrics.requests.labels(route.name, str(status)).inc()
             if self.settings.access_log:
-                log.info("request", extra={"rpc": route.name, "method": scope["method"], "path": scope["path"],
+                log.info("request", extra={"rpc": route.name, "method": call.scope["method"], "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})
 
     async def _fallback(self, scope: dict[str, Any], receive: Receive, send: Send, request_id: str, raw_path: str) -> None:

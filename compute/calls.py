@@ -1,0 +1,212 @@
+"""The one path every call takes, whichever transport brought it (a unary RPC or a batch item).
+
+`CallPath.bind_all()` resolves each registered operation against the proto descriptors once at
+start-up (`BoundOperation`: request/response classes, metric children, how it runs). Then per
+call: the readiness gate, the request context bound for log lines, the in-flight registry the
+heartbeat reports from, cheap validation on the loop, admission into the pool (heavy), the
+deadline, and the per-method metrics. It raises `ComputeError` (domain errors, and `Internal`
+for a bug, logged here with the request id) or `CancelledError`; turning those into a gRPC
+status is the transport's job (compute/servicer.py, compute/batching.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import MethodDescriptor
+
+from compute.errors import ComputeError, DeadlineExceeded, Internal, Unavailable
+from compute.metrics import CallMetrics
+from compute.registry import Kind, Operation
+from compute.runtime import Runtime
+from offload import context
+
+log = logging.getLogger("compute.calls")
+
+
+def grpc_path(full_name: str) -> str:
+    """'pkg.Service.Method' -> '/pkg.Service/Method' (the name gRPC puts on the wire)."""
+    service, _, method = full_name.rpartition(".")
+    return f"/{service}/{method}"
+
+
+@dataclass(frozen=True, slots=True)
+class BoundOperation:
+    """An operation resolved against its RPC once, at start-up."""
+
+    op: Operation
+    method: MethodDescriptor
+    path: str  # "/pkg.Service/Method"
+    short_name: str  # "Method": the metrics label
+    request_cls: Any
+    response_cls: Any
+    # Answered on the loop without awaiting (a plain `def` @light): microseconds, never blocks
+    # on pool work or I/O. Only these are worth batching.
+    inline: bool
+    latency: Any  # the Histogram child of this method
+
+
+def bind(op: Operation, metrics: CallMetrics) -> BoundOperation:
+    try:
+        method = descriptor_pool.Default().FindMethodByName(op.method)
+    except KeyError as exc:
+        raise ValueError(f"{op.method}: no such RPC in the loaded protos (run `make protos`?)") from exc
+    if method.client_streaming:
+        raise ValueError(f"{op.method}: client-streaming RPCs are not supported")
+    if method.server_streaming and (op.kind is not Kind.LIGHT or not inspect.isasyncgenfunction(op.fn)):
+        raise ValueError(f"{op.method} is server-streaming: use @light on an async generator")
+    short = method.name
+    inline = op.kind is Kind.LIGHT and not method.server_streaming and not (
+        inspect.iscoroutinefunction(op.fn) or inspect.isasyncgenfunction(op.fn)
+    )
+    return BoundOperation(
+        op=op,
+        method=method,
+        path=grpc_path(op.method),
+        short_name=short,
+        request_cls=message_factory.GetMessageClass(method.input_type),
+        response_cls=message_factory.GetMessageClass(method.output_type),
+        inline=inline,
+        latency=metrics.seconds.labels(short),
+    )
+
+
+class CallPath:
+    """Runs calls. `activate(runtime)` once the table and pool are up; `ready = False` to drain."""
+
+    def __init__(self, operations: dict[str, Operation], metrics: CallMetrics) -> None:
+        self._metrics = metrics
+        self.by_path: dict[str, BoundOperation] = {}
+        for op in operations.values():
+            bound = bind(op, metrics)
+            self.by_path[bound.path] = bound
+        self._runtime: Runtime | None = None
+        self._counters: dict[tuple[str, str], Any] = {}
+        # Request ids of the calls being served, for the heartbeat's stall report.
+        self.inflight: dict[int, str] = {}
+        # False until the table and pool are up (`activate`), and again while draining.
+        self.ready = False
+
+    def activate(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.ready = True
+
+    def service_names(self) -> list[str]:
+        return sorted({b.method.containing_service.full_name for b in self.by_path.values()})
+
+    def inline_paths(self) -> list[str]:
+        return sorted(path for path, b in self.by_path.items() if b.inline)
+
+    # -- per call ----------------------------------------------------------------------------
+
+    def answer_now(self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None) -> Any:
+        """Serve an inline operation (`bound.inline`) synchronously."""
+        started = time.perf_counter()
+        code = "OK"
+        key = id(ctx)
+        self.inflight[key] = ctx.request_id
+        # The context is bound around the error handling too: the log line of a bug carries it.
+        with context.bound(ctx):
+            try:
+                self._admit(deadline)
+                return bound.op.fn(request, self._runtime)
+            except ComputeError as exc:
+                code = exc.code
+                raise
+            except Exception as exc:
+                code = "INTERNAL"
+                raise self._internal(bound, exc) from exc
+            finally:
+                del self.inflight[key]
+                self._observe(bound, code, started)
+
+    async def answer(self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None) -> Any:
+        """Serve any unary operation. `deadline` is wall-clock (time.time()) or None.
+
+        The transport enforces the deadline around this coroutine (gRPC does for unary calls);
+        heavy work gets it too, so queued work that expires is never started.
+        """
+        started = time.perf_counter()
+        code = "OK"
+        key = id(ctx)
+        self.inflight[key] = ctx.request_id
+        with context.bound(ctx):
+            try:
+                self._admit(deadline)
+                runtime = self._runtime
+                op = bound.op
+                if op.kind is Kind.LIGHT:
+                    response = op.fn(request, runtime)
+                    return (await response) if inspect.isawaitable(response) else response
+                if op.validate is not None:
+                    op.validate(request, runtime)
+                return await runtime.pool.run(op.fn, request, ctx=ctx, deadline=deadline)
+            except ComputeError as exc:
+                code = exc.code
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = "INTERNAL"
+                raise self._internal(bound, exc) from exc
+            finally:
+                del self.inflight[key]
+                self._observe(bound, code, started)
+
+    def stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> Any:
+        """The async iterator of a server-streaming operation, with the same gate, errors and metrics."""
+        return self._stream(bound, request, ctx)
+
+    async def _stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> Any:
+        started = time.perf_counter()
+        code = "OK"
+        key = id(ctx)
+        self.inflight[key] = ctx.request_id
+        with context.bound(ctx):
+            try:
+                self._admit(None)
+                async for message in bound.op.fn(request, self._runtime):
+                    yield message
+            except ComputeError as exc:
+                code = exc.code
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = "INTERNAL"
+                raise self._internal(bound, exc) from exc
+            finally:
+                self.inflight.pop(key, None)
+                self._observe(bound, code, started)
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _admit(self, deadline: float | None) -> None:
+        if not self.ready:
+            raise Unavailable("compute is starting or draining; retry shortly")
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the call started; it was not run")
+
+    def _internal(self, bound: BoundOperation, exc: Exception) -> Internal:
+        log.error("operation failed", exc_info=exc, extra={"method": bound.op.method})
+        return Internal("internal error")
+
+    def _observe(self, bound: BoundOperation, code: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        counter = self._counters.get((bound.short_name, code))
+        if counter is None:  # one labels() lookup per (method, code), not per call
+            counter = self._counters[(bound.short_name, code)] = self._metrics.calls.labels(bound.short_name, code)
+        counter.inc()
+        bound.latency.observe(elapsed)
+        # A per-call line with the caller's context; off unless log_level=DEBUG.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("call done", extra={"method": bound.op.method, "code": code, "seconds": round(elapsed, 6)})
+
