@@ -46,7 +46,7 @@ class RestCall:
         if route.sse is not None and route.sse.resume_from_field and headers.last_event_id:
             extra = {route.sse.resume_from_field: headers.last_event_id}
         try:
-            message = route.build_request(self.path_values, query, body, extra)
+            message = route.binder.bind(self.path_values, query, body, extra)
             timeout = self.compute.timeout(route, headers.timeout)
         except CodecError as exc:
             raise ApiError.http(400, f"invalid request: {exc}") from exc

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import orjson
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
 
+from gateway import transcoding
 from gateway.json_codec import Codec, CodecError, EncodeError
-from gateway.transcoding import RequestError, RouteError, load_routes, parse_template
+from gateway.transcoding import RequestBinder, RequestError, RouteError, load_routes, parse_template
 from offload.testing.v1 import testing_pb2
 from offload.v1 import compute_pb2, jobs_pb2, search_pb2
 
@@ -161,6 +165,70 @@ def test_path_variable_with_wrong_type_is_rejected(routes):
 def test_resume_field_from_extra(routes):
     msg = routes["Ticks"].build_request({"count": "5"}, [("after_index", "1")], None, {"after_index": "3"})
     assert msg.count == 5 and msg.after_index == 3
+
+
+# -- the binder: everything resolved at start-up ----------------------------------------------
+
+
+def test_routes_are_frozen(routes):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        routes["GetItem"].http_method = "POST"  # type: ignore[misc]
+
+
+_TEXT_FOR_TYPE = {
+    FieldDescriptor.TYPE_BOOL: "true",
+    FieldDescriptor.TYPE_ENUM: "1",
+    FieldDescriptor.TYPE_STRING: "s",
+    FieldDescriptor.TYPE_BYTES: "aGk",
+}
+
+
+def test_query_keys_bind_alike_by_proto_and_json_name_without_resolving(routes, monkeypatch):
+    # A request must not look field names up again: every spelling was resolved at start-up.
+    def no_resolving(*args):
+        raise AssertionError("resolve_field called while binding a request")
+
+    monkeypatch.setattr(transcoding, "resolve_field", no_resolving)
+    checked = 0
+    for route in routes.values():
+        path_values = {name: "1" for name in route.path_fields}
+        bare = route.binder.bind(path_values, [], None)
+        for dotted, chain in route.query_fields():
+            text = _TEXT_FOR_TYPE.get(chain[-1].type, "1")  # "1" suits every number type
+            json_dotted = ".".join(f.json_name for f in chain)
+            by_proto = route.binder.bind(path_values, [(dotted, text)], None)
+            assert by_proto == route.binder.bind(path_values, [(json_dotted, text)], None) != bare
+            checked += 1
+    assert checked >= 10 and any("_" in dotted for r in routes.values() for dotted, _ in r.query_fields())
+    msg = routes["Ticks"].binder.bind({"count": "5"}, [("intervalMs", "2")], None, {"after_index": "3"})
+    assert (msg.count, msg.interval_ms, msg.after_index) == (5, 2, 3)
+
+
+def test_a_field_is_given_once_whatever_its_spelling(routes):
+    with pytest.raises(RequestError, match="query parameter 'pageSize' given more than once") as info:
+        routes["ListJobs"].binder.bind({}, [("page_size", "1"), ("pageSize", "2")], None)
+    assert info.value.field == "pageSize"
+
+
+_OPTIONAL = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+
+
+def test_keys_below_a_recursive_message_fall_back_to_resolving():
+    # The spelling table stops where a message type repeats (it would be infinite);
+    # deeper keys still bind, resolved per request, and bad ones get the usual message.
+    file = descriptor_pb2.FileDescriptorProto(name="recursive_test.proto", package="rt", syntax="proto3")
+    node = file.message_type.add(name="Node")
+    node.field.add(name="node_name", number=1, label=_OPTIONAL, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING)
+    node.field.add(name="child", number=2, label=_OPTIONAL, type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE, type_name=".rt.Node")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    desc = pool.FindMessageTypeByName("rt.Node")
+    binder = RequestBinder(desc, "", {}, (), Codec().decoder(desc))
+    msg = binder.bind({}, [("nodeName", "a"), ("child.child.node_name", "b")], None)
+    assert (msg.node_name, msg.child.child.node_name) == ("a", "b")
+    with pytest.raises(RequestError, match="unknown query parameter 'child.child'") as info:
+        binder.bind({}, [("child.child", "x")], None)
+    assert info.value.field == "child.child"
 
 
 # -- JSON mapping out --------------------------------------------------------------------------
