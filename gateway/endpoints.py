@@ -4,7 +4,7 @@ Generic over every RPC: all per-RPC knowledge comes from the `Route` (built from
 
 A client that disconnects while its call is in flight cancels the call, so compute stops the
 work too. Noticing a disconnect means awaiting `receive()`, which needs a task of its own;
-spawning one per request cost ~10 µs, most of what a batched GetItem costs in compute. Calls
+spawning, stepping and cancelling one per request costs ~4.5 µs here (a timer handle: 0.6 µs). Calls
 answered in a millisecond or two never need it, so the watcher task starts only once a call
 has been in flight for `DISCONNECT_WATCH_DELAY` (a timer handle is all the others pay). A pool
 task then stops within ~DISCONNECT_WATCH_DELAY plus one chunk of its work.

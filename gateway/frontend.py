@@ -57,6 +57,7 @@ class RestFrontend:
             self._by_method.setdefault(route.http_method, []).append(route)
         # Per-RPC metric children, resolved once (labels() costs a lock and a dict lookup).
         self._latency = {r.full_method: metrics.latency.labels(r.name) for r in routes}
+        self._counts: dict[tuple[str, int], Any] = {}  # (rpc, status) -> counter child, filled as seen
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,7 +115,10 @@ class RestFrontend:
             self.metrics.inflight.dec()
             elapsed = time.perf_counter() - started
             self._latency[route.full_method].observe(elapsed)
-            self.metrics.requests.labels(route.name, str(status)).inc()
+            counter = self._counts.get((route.name, status))
+            if counter is None:
+                counter = self._counts[(route.name, status)] = self.metrics.requests.labels(route.name, str(status))
+            counter.inc()
             if self.settings.access_log:
                 log.info("request", extra={"rpc": route.name, "method": call.scope["method"], "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})

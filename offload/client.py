@@ -95,6 +95,11 @@ def _status_error(status: Any) -> CallError:
     return CallError(code, status.message, retry_after)
 
 
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before compute answered"))
+
+
 class _Queued:
     """One call waiting for its batch."""
 
@@ -205,39 +210,45 @@ class UnaryMethod:
         payload = request.SerializeToString()
         if len(payload) > batcher.max_bytes:  # too big to share an RPC: alone, as a unary call
             return await self._call_plain(request, timeout, ctx)
-        try:
-            async with asyncio.timeout(timeout):
-                return self._response_cls.FromString(await self._batched(batcher, payload, timeout, ctx))
-        except TimeoutError:
-            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before compute answered") from None
+        return self._response_cls.FromString(await self._batched(batcher, payload, timeout, ctx))
 
     async def _batched(self, batcher: _Batcher, payload: bytes, timeout: float | None, ctx: RequestContext | None) -> bytes:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         attempt = 0
         while True:
             call = batching_pb2.BatchedCall(method=self.path, request=payload)
-            if deadline is not None:
-                call.timeout.FromNanoseconds(int(max(0.0, deadline - time.monotonic()) * 1e9))
             if ctx is not None:
                 call.request_id = ctx.request_id
                 call.traceparent = child_traceparent(ctx.traceparent)
                 call.tracestate = ctx.tracestate
+            timer = None
+            if deadline is not None:
+                remaining = max(0.0, deadline - loop.time())
+                call.timeout.FromNanoseconds(int(remaining * 1e9))
+            future = batcher.submit(call, len(payload))
+            if deadline is not None:
+                # A timer handle, not asyncio.timeout(): the same effect for ~1/5 of the cost.
+                timer = loop.call_at(deadline, _expire, future)
             try:
-                return await batcher.submit(call, len(payload))
+                return await future
             except CallError as exc:
-                delay = self._retry_delay(exc, attempt, deadline)
+                delay = self._retry_delay(exc, attempt, deadline, loop.time())
                 if delay is None:
                     raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             attempt += 1
             await asyncio.sleep(delay)
 
-    def _retry_delay(self, exc: CallError, attempt: int, deadline: float | None) -> float | None:
+    def _retry_delay(self, exc: CallError, attempt: int, deadline: float | None, now: float) -> float | None:
         """Seconds to wait before the next attempt, or None: do not retry."""
         if not (self.idempotent and exc.code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._channel.retry_max_attempts):
             return None
         first, largest = _RETRY_BACKOFF
         delay = random.uniform(0, min(largest, first * 2**attempt))
-        if deadline is not None and time.monotonic() + delay >= deadline:
+        if deadline is not None and now + delay >= deadline:
             return None
         return delay
 
@@ -413,7 +424,11 @@ class ComputeChannel:
         max_bytes = min(self._batch_max_bytes, policy.max_bytes or self._batch_max_bytes)
         if self._batcher is None:
             self._batcher = _Batcher(
-                dispatch, window=self._batch_window, max_calls=max_calls, max_bytes=max_bytes, observer=self._observer
+                dispatch,
+                window=self._batch_window,
+                max_calls=max_calls,
+                max_bytes=max_bytes,
+                observer=self._observer,
             )
         else:
             self._batcher.max_calls, self._batcher.max_bytes = max_calls, max_bytes

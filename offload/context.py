@@ -36,7 +36,7 @@ _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar
 
 
 def new_request_id() -> str:
-    return secrets.token_hex(8)
+    return os.urandom(8).hex()  # what secrets.token_hex(8) does, without its two extra calls
 
 
 def valid_request_id(value: str | None) -> str | None:
