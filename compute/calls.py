@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor
@@ -107,24 +107,9 @@ class CallPath:
 
     def answer_now(self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None) -> Any:
         """Serve an inline operation (`bound.inline`) synchronously."""
-        started = time.perf_counter()
-        code = "OK"
-        key = id(ctx)
-        self.inflight[key] = ctx.request_id
-        # The context is bound around the error handling too: the log line of a bug carries it.
-        with context.bound(ctx):
-            try:
-                self._admit(deadline)
-                return bound.op.fn(request, self._runtime)
-            except ComputeError as exc:
-                code = exc.code
-                raise
-            except Exception as exc:
-                code = "INTERNAL"
-                raise self._internal(bound, exc) from exc
-            finally:
-                del self.inflight[key]
-                self._observe(bound, code, started)
+        with _Served(self, bound, ctx):
+            self._admit(deadline)
+            return bound.op.fn(request, self._runtime)
 
     async def answer(self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None) -> Any:
         """Serve any unary operation. `deadline` is wall-clock (time.time()) or None.
@@ -132,60 +117,23 @@ class CallPath:
         The transport enforces the deadline around this coroutine (gRPC does for unary calls);
         heavy work gets it too, so queued work that expires is never started.
         """
-        started = time.perf_counter()
-        code = "OK"
-        key = id(ctx)
-        self.inflight[key] = ctx.request_id
-        with context.bound(ctx):
-            try:
-                self._admit(deadline)
-                runtime = self._runtime
-                op = bound.op
-                if op.kind is Kind.LIGHT:
-                    response = op.fn(request, runtime)
-                    return (await response) if inspect.isawaitable(response) else response
-                if op.validate is not None:
-                    op.validate(request, runtime)
-                return await runtime.pool.run(op.fn, request, ctx=ctx, deadline=deadline)
-            except ComputeError as exc:
-                code = exc.code
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
-                code = "INTERNAL"
-                raise self._internal(bound, exc) from exc
-            finally:
-                del self.inflight[key]
-                self._observe(bound, code, started)
+        with _Served(self, bound, ctx):
+            self._admit(deadline)
+            runtime = self._runtime
+            op = bound.op
+            if op.kind is Kind.LIGHT:
+                response = op.fn(request, runtime)
+                return (await response) if inspect.isawaitable(response) else response
+            if op.validate is not None:
+                op.validate(request, runtime)
+            return await runtime.pool.run(op.fn, request, ctx=ctx, deadline=deadline)
 
-    def stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> Any:
-        """The async iterator of a server-streaming operation, with the same gate, errors and metrics."""
-        return self._stream(bound, request, ctx)
-
-    async def _stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> Any:
-        started = time.perf_counter()
-        code = "OK"
-        key = id(ctx)
-        self.inflight[key] = ctx.request_id
-        with context.bound(ctx):
-            try:
-                self._admit(None)
-                async for message in bound.op.fn(request, self._runtime):
-                    yield message
-            except ComputeError as exc:
-                code = exc.code
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
-                code = "INTERNAL"
-                raise self._internal(bound, exc) from exc
-            finally:
-                self.inflight.pop(key, None)
-                self._observe(bound, code, started)
+    async def stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> AsyncIterator[Any]:
+        """The messages of a server-streaming operation, with the same gate, errors and metrics."""
+        with _Served(self, bound, ctx):
+            self._admit(None)
+            async for message in bound.op.fn(request, self._runtime):
+                yield message
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -194,10 +142,6 @@ class CallPath:
             raise Unavailable("compute is starting or draining; retry shortly")
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded("the deadline passed before the call started; it was not run")
-
-    def _internal(self, bound: BoundOperation, exc: Exception) -> Internal:
-        log.error("operation failed", exc_info=exc, extra={"method": bound.op.method})
-        return Internal("internal error")
 
     def _observe(self, bound: BoundOperation, code: str, started: float) -> None:
         elapsed = time.perf_counter() - started
@@ -210,3 +154,41 @@ class CallPath:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("call done", extra={"method": bound.op.method, "code": code, "seconds": round(elapsed, 6)})
 
+
+class _Served:
+    """What every call gets around its work: the request context bound (log lines carry it),
+    an entry in the in-flight registry, the per-method metrics with the outcome's code, and a
+    bug turned into `Internal` (logged here, with its stack, while the context is still bound).
+
+    A class, not @contextmanager: this runs per call and costs a third as much.
+    """
+
+    __slots__ = ("_calls", "_bound", "_ctx", "_token", "_started")
+
+    def __init__(self, calls: CallPath, bound: BoundOperation, ctx: context.RequestContext) -> None:
+        self._calls, self._bound, self._ctx = calls, bound, ctx
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+        self._calls.inflight[id(self)] = self._ctx.request_id
+        self._token = context.bind(self._ctx)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        calls, bound = self._calls, self._bound
+        try:
+            if exc is None:
+                code = "OK"
+            elif isinstance(exc, ComputeError):
+                code = exc.code
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                code = "CANCELLED"
+            elif isinstance(exc, Exception):
+                code = "INTERNAL"
+                log.error("operation failed", exc_info=exc, extra={"method": bound.op.method})
+                raise Internal("internal error") from exc
+            else:
+                code = "CANCELLED"  # KeyboardInterrupt, SystemExit: the process is going away
+        finally:
+            del calls.inflight[id(self)]
+            calls._observe(bound, code, self._started)  # its DEBUG line carries the context too
+            context.unbind(self._token)

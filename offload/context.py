@@ -73,6 +73,15 @@ def current() -> RequestContext | None:
     return _current.get()
 
 
+def bind(ctx: RequestContext) -> contextvars.Token:
+    """Make `ctx` current until `unbind(token)` (for code where a `with bound()` block does not fit)."""
+    return _current.set(ctx)
+
+
+def unbind(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
 @contextmanager
 def bound(ctx: RequestContext) -> Iterator[RequestContext]:
     """Make `ctx` the current context (for logs) inside the block."""
