@@ -33,6 +33,7 @@ def profiles() -> dict[str, Profile]:
             name="smoke", load_table=Table(20_000, 32), reps=1, warmup=0.2, duration=0.6, drain=0.5, timeout=3.0,
             concurrency=[1], concurrency_duration=0.6, inproc_queries=10, start_timeout=60.0,
             jobs_queries=64, jobs_fairness_seconds=0.5,
+            hop_levels=[1, 4], hop_warmup=0.1, hop_duration=0.4, open_rate=200.0,
         ),
         "quick": Profile(
             name="quick", load_table=Table(524_288, 128), reps=2, warmup=0.3, duration=1.2, drain=1.5, timeout=5.0,
@@ -40,6 +41,7 @@ def profiles() -> dict[str, Profile]:
             memory_table=Table(524_288, 128),
             memory_sweep=[("offload", 4, 2), ("naive-inline", 4, 0)],
             jobs_queries=512, jobs_fairness_seconds=1.5,
+            hop_levels=[1, 64], hop_warmup=0.3, hop_duration=1.2, open_rate=400.0,
         ),
         "full": Profile(
             name="full", load_table=Table(1_048_576, 128), reps=3, warmup=0.5, duration=4.0, drain=3.0, timeout=10.0,
@@ -52,7 +54,8 @@ def profiles() -> dict[str, Profile]:
                 ("naive-executor", 1, 1), ("naive-executor", 1, 2), ("naive-executor", 2, 1),
                 ("naive-executor", 2, 2), ("naive-executor", 4, 1), ("naive-executor", 4, 2),
             ],
-            max_private_copies=6, jobs_queries=2048, jobs_fairness_seconds=3.0,
+            max_private_copies=6, jobs_queries=512, jobs_reps=2, jobs_fairness_seconds=3.0,
+            hop_levels=[1, 64], hop_warmup=0.5, hop_duration=2.0, open_rate=400.0,
         ),
     }
 
@@ -69,6 +72,7 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
     logdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict = {"meta": report.machine(), "profile": report.profile_dict(profile), "errors": []}
+    results["plan"] = scenarios.plan(profile)
     results["meta"]["command"] = " ".join(["python -m bench", *argv])
     results["designs"] = {}
 
@@ -76,7 +80,9 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
     bench = Bench(profile, logdir, results, log)
-    log(f"profile {profile.name}: table {profile.load_table.rows} x {profile.load_table.dim}; out {out}")
+    log(f"profile {profile.name}: table {profile.load_table.rows} x {profile.load_table.dim}; out {out}; "
+        f"{results['plan']['total']['runs']} load runs, {results['plan']['total']['window_seconds']:.0f} s of windows "
+        f"(bound {results['plan']['total']['bound_seconds']:.0f} s)")
     calibration = scenarios.calibrate(bench)
     log(f"in-process Search p50 {calibration['inproc_search_ms']['p50']:.2f} ms; "
         f"memory read {calibration['memory_read_gb_per_s']['median']:.1f} GB/s")
@@ -98,14 +104,15 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
                 "startup_seconds": dep.startup_seconds, "commands": dep.commands(),
             }
             if name == "fastapi-hello":
-                scenarios.hop(bench, dep, "FastAPI hello-world (HTTP)", kind="hello")
+                scenarios.hop(bench, dep, "hello")
                 continue
             if name == "offload":
-                scenarios.hop(bench, dep, "GetItem via gateway (HTTP)")
-                scenarios.hop(bench, dep, "GetItem direct gRPC", grpc=True)
+                scenarios.hop(bench, dep, "forwarded")
+                scenarios.hop(bench, dep, "direct-plain")
+                scenarios.hop(bench, dep, "direct-batched")
                 scenarios.search_concurrency(bench, dep, grpc=True)
             elif name == "naive-inline":
-                scenarios.hop(bench, dep, "GetItem in-process FastAPI (naive-inline)")
+                scenarios.hop(bench, dep, "inline")
             scenarios.search_concurrency(bench, dep)
             scenarios.mixed(bench, dep)
             scenarios.standard_memory(bench, dep)

@@ -9,7 +9,12 @@ Modes:
 Request classes are mixed by weight (e.g. 95% GetItem with random ids, 5% Search with random
 vectors); requests are pre-built bytes (HTTP/1.1 keep-alive over raw asyncio streams) so the
 generator spends little CPU per request. `protocol: grpc` drives compute directly with
-grpc.aio (closed loop). Everything is bounded: `warmup + duration + drain` seconds at most.
+grpc.aio, one plain unary RPC per call; `protocol: grpc-batched` drives it through
+`offload.client.ComputeChannel`, which sends the calls compute answers on its loop (GetItem)
+issued within one loop iteration as one `Dispatch` RPC, as the gateway does (closed loop; the
+batching policy is known before the clock starts). Both map a gRPC status to an HTTP-like one
+(RESOURCE_EXHAUSTED 429, NOT_FOUND 404, ...). Everything is bounded: `warmup + duration + drain`
+seconds at most.
 
 Output on stdout: `EVENT start` / `EVENT end` when the measured window opens/closes (the
 orchestrator samples server CPU there), then `RESULT <json>`: per-class counts, throughput,
@@ -217,12 +222,35 @@ class HttpTransport:
             self._discard(conn)
         return status
 
-    def close(self) -> None:
+    async def connect(self, timeout: float) -> None:
+        pass
+
+    def stats(self, window_start: float, window_end: float) -> dict:
+        return {}
+
+    async def close(self) -> None:
         for conn in self.idle:
             conn.close()
 
 
+def grpc_http_status() -> dict:
+    """gRPC status -> the HTTP-like status the load generator counts (anything else: 500)."""
+    import grpc
+
+    codes = grpc.StatusCode
+    return {
+        codes.OK: 200,
+        codes.RESOURCE_EXHAUSTED: 429,
+        codes.NOT_FOUND: 404,
+        codes.INVALID_ARGUMENT: 400,
+        codes.UNAVAILABLE: 503,
+        codes.DEADLINE_EXCEEDED: 504,
+    }
+
+
 class GrpcTransport:
+    """Plain grpc.aio: one unary RPC per call."""
+
     def __init__(self, target: str, timeout: float) -> None:
         import grpc
 
@@ -233,14 +261,10 @@ class GrpcTransport:
         stub = compute_pb2_grpc.ComputeServiceStub(self.channel)
         self.methods = {"GetItem": stub.GetItem, "Search": stub.Search}
         self.timeout = timeout
-        codes = grpc.StatusCode
-        self.http_status = {
-            codes.RESOURCE_EXHAUSTED: 429,
-            codes.NOT_FOUND: 404,
-            codes.INVALID_ARGUMENT: 400,
-            codes.UNAVAILABLE: 503,
-            codes.DEADLINE_EXCEEDED: 504,
-        }
+        self.http_status = grpc_http_status()
+
+    async def connect(self, timeout: float) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)  # connect before the clock
 
     async def call(self, payload: tuple[str, Any]) -> int:
         method, message = payload
@@ -250,8 +274,65 @@ class GrpcTransport:
             return self.http_status.get(exc.code(), 500)
         return 200
 
-    def close(self) -> None:
-        pass
+    def stats(self, window_start: float, window_end: float) -> dict:
+        return {}
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class BatchedGrpcTransport:
+    """`offload.client.ComputeChannel`: GetItem calls issued in one loop iteration share a
+    `Dispatch` RPC (the closed-loop clients answered in one iteration send their next calls in
+    the same one); Search stays plain unary. Same status mapping as GrpcTransport."""
+
+    SERVICE = "/offload.v1.ComputeService/"
+
+    def __init__(self, target: str, timeout: float) -> None:
+        from offload.client import CallError, ComputeChannel
+        from offload.v1 import compute_pb2, search_pb2
+
+        self.CallError = CallError
+        self.batches: list[tuple[float, int]] = []  # (perf_counter, calls) per Dispatch sent
+        self.channel = ComputeChannel(target, observer=self)
+        self.responses = {"GetItem": compute_pb2.Item, "Search": search_pb2.SearchResponse}
+        self.methods: dict[str, Any] = {}
+        self.timeout = timeout
+        self.http_status = grpc_http_status()
+
+    def batch_sent(self, calls: int, waited_seconds: float) -> None:  # offload.client.BatchObserver
+        self.batches.append((time.perf_counter(), calls))
+
+    async def connect(self, timeout: float) -> None:
+        await self.channel.start()
+        self.methods = {name: self.channel.unary(self.SERVICE + name, cls) for name, cls in self.responses.items()}
+        if not await self.channel.wait_policy(timeout):
+            raise RuntimeError(f"compute's batching policy not known within {timeout} s: calls would all be plain")
+        if self.SERVICE + "GetItem" not in self.channel.batched_methods:
+            raise RuntimeError(f"compute does not batch GetItem (policy: {sorted(self.channel.batched_methods)})")
+
+    async def call(self, payload: tuple[str, Any]) -> int:
+        method, message = payload
+        try:
+            await self.methods[method](message, timeout=self.timeout)
+        except self.CallError as exc:
+            return self.http_status.get(exc.code, 500)
+        return 200
+
+    def stats(self, window_start: float, window_end: float) -> dict:
+        inside = [calls for at, calls in self.batches if window_start <= at < window_end]
+        return {
+            "batched_methods": sorted(self.channel.batched_methods),
+            "dispatch_rpcs": len(inside),
+            "batched_calls": sum(inside),
+            "calls_per_dispatch": sum(inside) / len(inside) if inside else None,
+        }
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+TRANSPORTS = {"grpc": GrpcTransport, "grpc-batched": BatchedGrpcTransport}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -279,7 +360,7 @@ class Run:
         self.rng = random.Random(config.get("seed", 1))
         nprng = np.random.default_rng(config.get("seed", 1))
         self.classes = [RequestClass(c["name"], c["kind"], float(c.get("weight", 1.0))) for c in config["classes"]]
-        build = build_grpc_payloads if config.get("protocol") == "grpc" else build_http_payloads
+        build = build_grpc_payloads if config.get("protocol") in TRANSPORTS else build_http_payloads
         for cls in self.classes:
             build(cls, config, nprng)
         self.weights = [cls.weight for cls in self.classes]
@@ -353,13 +434,15 @@ class Run:
     async def main(self) -> dict:
         config = self.config
         connections = int(config.get("connections", 10))
-        if config.get("protocol") == "grpc":
-            self.transport = GrpcTransport(config["grpc_target"], self.timeout)
-        else:
+        protocol = config.get("protocol", "http")
+        if protocol in TRANSPORTS:
+            self.transport = TRANSPORTS[protocol](config["grpc_target"], self.timeout)
+        elif protocol == "http":
             self.transport = HttpTransport(config["host"], int(config["port"]), connections)
+        else:
+            raise ValueError(f"unknown protocol {protocol!r}")
         warmup, duration, drain = float(config.get("warmup", 0.5)), float(config["duration"]), float(config.get("drain", 2.0))
-        if config.get("protocol") == "grpc":
-            await asyncio.wait_for(self.transport.channel.channel_ready(), 10.0)  # connect before the clock
+        await self.transport.connect(10.0)  # gRPC: connected (and batching policy known) before the clock
         start = time.perf_counter()
         self.window_start = start + warmup
         self.window_end = self.window_start + duration
@@ -391,7 +474,8 @@ class Run:
             await asyncio.wait(leftovers, timeout=1.0)
         if "end" not in marks:
             mark("end")
-        self.transport.close()
+        transport_stats = self.transport.stats(self.window_start, self.window_end)
+        await self.transport.close()
         times = os.times()
         result = {
             "config": {k: v for k, v in config.items() if k != "classes"} | {"classes": config["classes"]},
@@ -400,6 +484,7 @@ class Run:
             "client_cpu_seconds_total": times.user + times.system,
             "client_cpu_percent": 100.0 * (marks["end"] - marks["start"]) / duration,
             "connects": getattr(self.transport, "connects", None),
+            "transport": transport_stats,
             "classes": {},
         }
         for cls in self.classes:

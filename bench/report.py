@@ -1,4 +1,4 @@
-"""report.md, the targets of issue 5 (met/missed), and PNG charts (matplotlib, Agg)."""
+"""report.md, the targets of issue 5 and of the hop (met/missed), and PNG charts (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -99,10 +99,125 @@ def _light_bad(summary: dict) -> float | None:
     return sum((med(light, k) or 0) for k in ("errors", "timeouts", "unfinished", "other_status"))
 
 
+# -- the hop table -------------------------------------------------------------------------------
+
+
+def hop_levels(results: dict) -> list[str]:
+    """The concurrency levels of the hop table, ascending, as the keys of each row's `levels`."""
+    levels = results.get("profile", {}).get("hop_levels")
+    if not levels:
+        levels = sorted({int(level) for row in results.get("hop", {}).values() for level in row.get("levels", {})})
+    return [str(level) for level in sorted(levels)]
+
+
+def hop_row(results: dict, role: str) -> dict | None:
+    """The hop row of a role (forwarded, direct-plain, direct-batched, inline, hello)."""
+    return next((row for row in results.get("hop", {}).values() if row.get("role") == role), None)
+
+
+def hop_cell(row: dict | None, level: str) -> dict | None:
+    """One row at one level: req/s, p50/p99 (summaries) and CPU µs per request on the request's
+    path (the sum over its process trees, per repetition, then min/median/max), per tree, loadgen."""
+    entry = row and row.get("levels", {}).get(level)
+    if not entry or not entry.get("reps"):
+        return None
+    from bench.runner import spread
+
+    reps, groups = entry["reps"], row["path_groups"]
+
+    def per_rep(group: str) -> list:
+        return [r["cpu_us_per_request"].get(group) for r in reps]
+
+    path = [sum(v[g] for g in groups) if all(v.get(g) is not None for g in groups) else None
+            for v in (r["cpu_us_per_request"] for r in reps)]
+    batching = [r.get("transport", {}).get("calls_per_dispatch") for r in reps]
+    return {
+        "light": entry["summary"]["light"],
+        "cpu_path": spread(path),
+        "cpu_groups": {g: spread(per_rep(g)) for g in groups},
+        "cpu_loadgen": spread(per_rep("loadgen")),
+        "calls_per_dispatch": spread(batching),
+    }
+
+
+def _cell_value(cell: dict | None, what: str) -> float | None:
+    if cell is None:
+        return None
+    if what == "cpu":
+        return cell["cpu_path"]["median"]
+    return med(cell["light"], what)
+
+
 # -- targets -------------------------------------------------------------------------------------
 
 
+def _status(value: float | None, ok: bool) -> bool | None:
+    return None if value is None else ok
+
+
+def hop_targets(results: dict) -> list[dict]:
+    """The targets of the hop issue, each from this run's figures."""
+    out = []
+    levels = hop_levels(results)
+    lo, hi = (levels[0], levels[-1]) if levels else ("1", "64")
+    fwd, inline = hop_row(results, "forwarded"), hop_row(results, "inline")
+    fwd_hi, inl_hi = hop_cell(fwd, hi), hop_cell(inline, hi)
+    f_rps, i_rps = _cell_value(fwd_hi, "throughput"), _cell_value(inl_hi, "throughput")
+    r = ratio(f_rps, i_rps)
+    out.append({
+        "section": "the hop",
+        "target": f"Forwarded GetItem req/s >= 1.1x in-process FastAPI GetItem (naive-inline, "
+                  f"{inline.get('workers', '?') if inline else '?'} workers), c={hi}",
+        "value": f"{fmt(r, 2)}x ({fmt(f_rps, 0)} vs {fmt(i_rps, 0)} req/s)",
+        "met": _status(r, r is not None and r >= 1.1),
+    })
+    cpu = _cell_value(fwd_hi, "cpu")
+    parts = " + ".join(f"{g} {fmt(c['median'], 0)}" for g, c in (fwd_hi or {}).get("cpu_groups", {}).items())
+    out.append({
+        "section": "the hop",
+        "target": f"Total CPU per forwarded GetItem (gateway + compute) <= 200 µs, c={hi}",
+        "value": f"{fmt(cpu, 0)} µs ({parts})" if cpu is not None else "not measured",
+        "met": _status(cpu, cpu is not None and cpu <= 200.0),
+    })
+    p50 = _cell_value(hop_cell(fwd, lo), "latency_ms.p50")
+    out.append({
+        "section": "the hop",
+        "target": f"Forwarded GetItem p50 <= 1.0 ms, c={lo}",
+        "value": f"{fmt(p50, 3)} ms",
+        "met": _status(p50, p50 is not None and p50 <= 1.0),
+    })
+    open_ = results.get("mixed_open", {})
+    off_p99 = med(open_.get("offload", {}).get("summary", {}).get("light"), "latency_ms.p99")
+    exe_p99 = med(open_.get("naive-executor", {}).get("summary", {}).get("light"), "latency_ms.p99")
+    rate = open_.get("offload", {}).get("rate")
+    out.append({
+        "section": "the hop",
+        "target": f"Mixed open loop ({fmt(rate, 0)} req/s offered): light p99 <= 3 ms, and <= naive-executor's",
+        "value": f"{fmt(off_p99, 2)} ms (naive-executor {fmt(exe_p99, 2)} ms)",
+        "met": _status(off_p99, off_p99 is not None and exe_p99 is not None and off_p99 <= 3.0 and off_p99 <= exe_p99),
+    })
+    closed = results.get("mixed_closed", {})
+    off_tp = med(closed.get("offload", {}).get("summary", {}).get("light"), "throughput")
+    exe_tp = med(closed.get("naive-executor", {}).get("summary", {}).get("light"), "throughput")
+    r = ratio(off_tp, exe_tp)
+    out.append({
+        "section": "the hop",
+        "target": "Mixed closed loop: offload light throughput >= naive-executor's",
+        "value": f"{fmt(off_tp, 0)} vs {fmt(exe_tp, 0)} req/s ({fmt(r, 2)}x)",
+        "met": _status(r, r is not None and r >= 1.0),
+    })
+    return out
+
+
 def targets(results: dict) -> list[dict]:
+    """Issue 5's targets then the hop's, each {section, target, value, met (None: not measured)}."""
+    out = issue5_targets(results)
+    for t in out:
+        t.setdefault("section", "issue 5")
+    return out + hop_targets(results)
+
+
+def issue5_targets(results: dict) -> list[dict]:
     out = []
     open_ = results.get("mixed_open", {})
     off = open_.get("offload", {}).get("summary")
@@ -252,23 +367,33 @@ def charts(results: dict, out: Path) -> list[str]:
             ax.legend(fontsize=8)
         save(fig, "search_concurrency.png")
 
-    # 4. hop cost: CPU us per request per process tree
+    # 4. hop cost: CPU us per request per process tree on the request's path, one panel per level
     hop = results.get("hop", {})
-    if hop:
-        fig, ax = plt.subplots(figsize=(8, 4))
+    levels = hop_levels(results)
+    if hop and levels:
+        fig, axes = plt.subplots(1, len(levels), figsize=(6 * len(levels), 4.2), squeeze=False)
         names = list(hop)
         groups = ["gateway", "compute", "app", "loadgen"]
-        bottom = [0.0] * len(names)
-        for group in groups:
-            values = [med(hop[n]["summary"]["_cpu"], f"cpu_us_per_request.{group}") or 0 for n in names]
-            if any(values):
-                ax.bar(range(len(names)), values, bottom=bottom, label=group)
-                bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
-        ax.set_ylabel("CPU µs per request")
-        ax.set_title("Hop cost: CPU per GetItem, by process tree")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        for ax, level in zip(axes[0], levels):
+            cells = [hop_cell(hop[n], level) for n in names]
+            bottom = [0.0] * len(names)
+            for group in groups:
+                values = []
+                for cell in cells:
+                    if cell is None:
+                        values.append(0.0)
+                    elif group == "loadgen":
+                        values.append(cell["cpu_loadgen"]["median"] or 0.0)
+                    else:
+                        values.append((cell["cpu_groups"].get(group) or {}).get("median") or 0.0)
+                if any(values):
+                    ax.bar(range(len(names)), values, bottom=bottom, label=group)
+                    bottom = [b + v for b, v in zip(bottom, values)]
+            ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=6)
+            ax.set_ylabel("CPU µs per request")
+            ax.set_title(f"Hop cost at c={level}: CPU per request, by process tree", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
         save(fig, "hop_cpu.png")
     return made
 
@@ -345,24 +470,82 @@ def _jobs_section(jobs: dict) -> list[str]:
     return L
 
 
+def _hop_section(results: dict) -> list[str]:
+    hop = results.get("hop")
+    levels = hop_levels(results)
+    if not hop or not levels:
+        return []
+    prof = results["profile"]
+    inline = hop_row(results, "inline")
+    L = ["## Hop cost (GetItem, closed loop)", ""]
+    L.append(f"Each row at {' and '.join('c=' + lv for lv in levels)} concurrent clients (connections, or calls in flight "
+             f"on one gRPC channel), {fmt(prof.get('hop_duration'))} s windows after {fmt(prof.get('hop_warmup'))} s warm-up, "
+             f"{prof['reps']} repetition(s); medians, req/s as median [min–max]. CPU µs per request measured with psutil "
+             "over the window for each process tree on the request's path (gateway = uvicorn master + workers; compute = "
+             "compute + forkserver + pool; app = a baseline's whole tree), summed per repetition; loadgen = the load "
+             "generator itself (one process, one core at most: at high concurrency it may be what limits a row). "
+             "(× inline) = the row / naive-inline at the same level, for req/s and for CPU.")
+    L.append("")
+    head = "| path |"
+    rule = "|---|"
+    for level in levels:
+        head += f" c={level} req/s (× inline) | p50 ms | p99 ms | CPU µs/req on the path (× inline) | loadgen µs/req |"
+        rule += "---|---|---|---|---|"
+    L += [head, rule]
+    short = {"gateway": "gw", "compute": "compute", "app": "app"}
+    for name, row in hop.items():
+        line = f"| {name} |"
+        for level in levels:
+            cell, base = hop_cell(row, level), hop_cell(inline, level)
+            if cell is None:
+                line += " - | - | - | - | - |"
+                continue
+            s = cell["light"]
+            rps_ratio = ratio(_cell_value(cell, "throughput"), _cell_value(base, "throughput"))
+            cpu_ratio = ratio(_cell_value(cell, "cpu"), _cell_value(base, "cpu"))
+            groups = cell["cpu_groups"]
+            cpu = fmt(cell["cpu_path"]["median"], 0)
+            if len(groups) > 1:
+                cpu = " + ".join(fmt(g["median"], 0) for g in groups.values()) + f" = {cpu}"
+            cpu = f"{cpu} ({'/'.join(short.get(g, g) for g in groups)})"
+            line += (f" {fmt_spread(s, 'throughput')} ({fmt(rps_ratio, 2)}×) | {fmt(med(s, 'latency_ms.p50'), 3)} | "
+                     f"{fmt(med(s, 'latency_ms.p99'), 2)} | {cpu} ({fmt(cpu_ratio, 2)}×) | "
+                     f"{fmt(cell['cpu_loadgen']['median'], 0)} |")
+        L.append(line)
+    L.append("")
+    batched = hop_row(results, "direct-batched")
+    if batched:
+        per = [f"c={lv}: {fmt((hop_cell(batched, lv) or {}).get('calls_per_dispatch', {}).get('median'), 1)}" for lv in levels]
+        L.append(f"Coalescing client, GetItem calls per `Dispatch` RPC in the window: {', '.join(per)}. "
+                 "Direct gRPC rows: the gateway is up but idle (not counted).")
+        L.append("")
+    return L
+
+
 def markdown(results: dict, chart_files: list[str]) -> str:
     meta, prof, cal = results["meta"], results["profile"], results.get("calibration", {})
     table = prof["load_table"]
     L: list[str] = []
     L.append(f"# offload benchmark — profile `{prof['name']}`")
     L.append("")
-    L.append(f"Command: `{meta.get('command')}` (git {meta.get('git_commit')}); wall time {results.get('wall_seconds')} s.")
+    plan = results.get("plan", {}).get("total")
+    L.append(f"Command: `{meta.get('command')}` (git {meta.get('git_commit')}); wall time {results.get('wall_seconds')} s"
+             + (f" ({plan['runs']} load runs, {fmt(plan['window_seconds'], 0)} s of warm-up + measured windows)." if plan else "."))
     L.append("All figures come from this one run on this machine; compare designs by the ratios, not the absolute times. "
              "Cells show median [min–max] over repetitions.")
     L.append("")
-    L.append("## Targets (issue 5)")
-    L.append("")
-    L.append("| target | measured | status |")
-    L.append("|---|---|---|")
-    for t in results.get("targets", []):
-        status = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        L.append(f"| {t['target']} | {t['value']} | {status} |")
-    L.append("")
+    for section in ("issue 5", "the hop"):
+        rows = [t for t in results.get("targets", []) if t.get("section", "issue 5") == section]
+        if not rows:
+            continue
+        L.append(f"## Targets ({section})")
+        L.append("")
+        L.append("| target | measured | status |")
+        L.append("|---|---|---|")
+        for t in rows:
+            status = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+            L.append(f"| {t['target']} | {t['value']} | {status} |")
+        L.append("")
     if results.get("errors"):
         L.append("**Errors during the run:** " + "; ".join(f"{e['design']}: {e['error'][:200]}" for e in results["errors"]))
         L.append("")
@@ -393,7 +576,8 @@ def markdown(results: dict, chart_files: list[str]) -> str:
         L.append("")
         any_entry = next(iter(data.values()))
         if "rate" in any_entry:
-            note += f" Offered: {any_entry['rate']:.0f} req/s."
+            how = "profile `open_rate`" if prof.get("open_rate") is not None else "derived from the calibration"
+            note += f" Offered: {any_entry['rate']:.0f} req/s ({how})."
         if "heavy_rate" in any_entry:
             note += f" Offered: {any_entry['heavy_rate']:.0f} Search/s + {any_entry['light_rate']:.0f} GetItem/s."
         L.append(note)
@@ -405,23 +589,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
             if line:
                 L.append(f"- {line}")
         L.append("")
-    hop = results.get("hop")
-    if hop:
-        L.append("## Hop cost (GetItem, closed loop)")
-        L.append("")
-        L.append(f"{prof['hop_connections']} connections/concurrent calls. CPU µs per request measured with psutil over "
-                 "the window for each process tree (gateway = uvicorn master + workers; compute = compute + forkserver "
-                 "+ pool; app = a baseline's whole tree; loadgen = the load generator itself).")
-        L.append("")
-        L.append("| path | req/s | p50 ms | p99 ms | CPU µs/req: gateway | compute | app | loadgen |")
-        L.append("|---|---|---|---|---|---|---|---|")
-        for name, entry in hop.items():
-            s, c = entry["summary"]["light"], entry["summary"]["_cpu"]
-            L.append(f"| {name} | {fmt_spread(s, 'throughput')} | {fmt_spread(s, 'latency_ms.p50', 2)} | "
-                     f"{fmt_spread(s, 'latency_ms.p99', 2)} | {fmt(med(c, 'cpu_us_per_request.gateway'), 0)} | "
-                     f"{fmt(med(c, 'cpu_us_per_request.compute'), 0)} | {fmt(med(c, 'cpu_us_per_request.app'), 0)} | "
-                     f"{fmt(med(c, 'cpu_us_per_request.loadgen'), 0)} |")
-        L.append("")
+    L.extend(_hop_section(results))
     conc = results.get("search_concurrency")
     if conc:
         L.append("## Search")

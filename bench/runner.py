@@ -19,15 +19,25 @@ def loadgen_command(config: dict) -> list[str]:
     return [sys.executable, "-m", "bench.loadgen", json.dumps(config, separators=(",", ":"))]
 
 
-def run_load(deployment: Deployment, config: dict, *, grpc: bool = False) -> dict:
-    """One load generator process; returns its RESULT plus server CPU per process group."""
+PROTOCOLS = ("http", "grpc", "grpc-batched")  # grpc*: straight to compute (offload deployments only)
+
+
+def run_load(deployment: Deployment, config: dict, *, protocol: str = "http") -> dict:
+    """One load generator process; returns its RESULT plus server CPU per process group.
+
+    protocol: "http" (the deployment's HTTP port), "grpc" (compute, plain unary calls) or
+    "grpc-batched" (compute, through offload.client.ComputeChannel)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}")
     config = dict(config)
     config.setdefault("rows", deployment.table.rows)
     config.setdefault("dim", deployment.table.dim)
     config.setdefault("host", "127.0.0.1")
     config.setdefault("port", deployment.port)
-    if grpc:
-        config["protocol"] = "grpc"
+    config["protocol"] = protocol
+    if protocol != "http":
+        if deployment.grpc_target is None:
+            raise ValueError(f"{deployment.design} has no gRPC target")
         config["grpc_target"] = deployment.grpc_target
     bound = float(config.get("warmup", 0.5)) + float(config["duration"]) + float(config.get("drain", 2.0)) + 30.0
     before = after = None
@@ -67,8 +77,8 @@ def run_load(deployment: Deployment, config: dict, *, grpc: bool = False) -> dic
     return result
 
 
-def repeat(deployment: Deployment, config: dict, reps: int, *, grpc: bool = False) -> list[dict]:
-    return [run_load(deployment, config, grpc=grpc) for _ in range(reps)]
+def repeat(deployment: Deployment, config: dict, reps: int, *, protocol: str = "http") -> list[dict]:
+    return [run_load(deployment, config, protocol=protocol) for _ in range(reps)]
 
 
 # -- summaries over repetitions -----------------------------------------------------------------

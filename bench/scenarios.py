@@ -33,7 +33,14 @@ class Profile:
     timeout: float = 5.0
     connections: int = 100
     heavy_fraction: float = 0.05
-    hop_connections: int = 16
+    # Hop cost (GetItem, closed loop): each row at each of these concurrencies, short windows.
+    hop_levels: list[int] = field(default_factory=lambda: [1, 64])
+    hop_warmup: float = 0.3
+    hop_duration: float = 1.5
+    hop_drain: float = 1.0  # closed loop: only a bound on the calls still in flight at the end
+    # Mixed open loop: offered req/s (all classes). None: derived from the calibration (Search
+    # work ~half a core, 50..400 req/s) -- which makes the rate depend on the table size.
+    open_rate: float | None = None
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     concurrency_duration: float = 1.5
     inproc_queries: int = 30
@@ -42,6 +49,7 @@ class Profile:
     max_private_copies: int = 6
     start_timeout: float = 180.0
     jobs_queries: int = 512  # batch throughput: N queries per job (and as direct Search calls)
+    jobs_reps: int | None = None  # repetitions of the batch throughput measure (None: reps)
     jobs_fairness_seconds: float = 2.0  # each Search latency window of the fairness check
     jobs_fairness_factor: int = 4  # the big job of the fairness check: factor x N queries
 
@@ -114,7 +122,9 @@ def calibrate(bench: Bench) -> dict:
 
 
 def open_rate(bench: Bench) -> float:
-    """Offered rate of the open-loop mixed load: Search work ~half a core, 50..400 req/s."""
+    """Offered rate of the open-loop mixed load: the profile's, else Search work ~half a core, 50..400 req/s."""
+    if bench.profile.open_rate is not None:
+        return float(bench.profile.open_rate)
     search_s = bench.results["calibration"]["inproc_search_ms"]["p50"] / 1000
     return float(min(400.0, max(50.0, 0.5 / (bench.profile.heavy_fraction * search_s))))
 
@@ -157,12 +167,34 @@ def overload(bench: Bench, dep: Deployment) -> None:
     _store(bench, "overload", dep.design, reps, {"label": dep.label, "heavy_rate": heavy_rate, "light_rate": light_rate})
 
 
-def hop(bench: Bench, dep: Deployment, name: str, kind: str = "get_item", grpc: bool = False) -> None:
+# The rows of the hop table: role -> (row name, request kind, protocol, the process trees on the
+# request's path, whose CPU is the row's server CPU). Every row is a GetItem (or hello) round trip.
+HOP_ROWS = {
+    "forwarded": ("GetItem via gateway (HTTP, batched to compute)", "get_item", "http", ("gateway", "compute")),
+    "direct-plain": ("GetItem direct gRPC (plain unary)", "get_item", "grpc", ("compute",)),
+    "direct-batched": ("GetItem direct gRPC (coalescing client)", "get_item", "grpc-batched", ("compute",)),
+    "inline": ("GetItem in-process FastAPI (naive-inline)", "get_item", "http", ("app",)),
+    "hello": ("FastAPI hello-world (HTTP)", "hello", "http", ("app",)),
+}
+
+
+def hop(bench: Bench, dep: Deployment, role: str) -> None:
+    """One row of the hop table: closed loop at each of `hop_levels` concurrent clients."""
     p = bench.profile
-    bench.log(f"  hop: {name}")
-    config = bench.base(mode="closed", connections=p.hop_connections, classes=[{"name": "light", "kind": kind}])
-    reps = repeat(dep, config, p.reps, grpc=grpc)
-    _store(bench, "hop", name, reps, {"label": dep.label, "design": dep.design})
+    name, kind, protocol, path_groups = HOP_ROWS[role]
+    levels = {}
+    for level in p.hop_levels:
+        bench.log(f"  hop: {name}, c={level}")
+        config = bench.base(
+            mode="closed", connections=level, warmup=p.hop_warmup, duration=p.hop_duration, drain=p.hop_drain,
+            classes=[{"name": "light", "kind": kind}],
+        )
+        reps = repeat(dep, config, p.reps, protocol=protocol)
+        levels[str(level)] = {"reps": reps, "summary": summarise_classes(reps)}
+    bench.results.setdefault("hop", {})[name] = {
+        "role": role, "label": dep.label, "design": dep.design, "workers": dep.workers, "protocol": protocol,
+        "path_groups": list(path_groups), "levels": levels,
+    }
 
 
 def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False) -> None:
@@ -175,9 +207,13 @@ def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False) -> Non
         config = bench.base(
             mode="closed", connections=level, duration=p.concurrency_duration, classes=[{"name": "heavy", "kind": "search"}]
         )
-        reps = repeat(dep, config, p.reps if level == 1 else 1, grpc=grpc)
+        reps = repeat(dep, config, p.reps if level == 1 else 1, protocol="grpc" if grpc else "http")
         out[str(level)] = {"reps": reps, "summary": summarise_classes(reps)}
     bench.results.setdefault("search_concurrency", {})[key] = {"label": dep.label, "levels": out}
+
+
+def jobs_reps(p: Profile) -> int:
+    return p.reps if p.jobs_reps is None else p.jobs_reps
 
 
 def jobs(bench: Bench, dep: Deployment) -> None:
@@ -185,15 +221,15 @@ def jobs(bench: Bench, dep: Deployment) -> None:
     p = bench.profile
     config = {
         "grpc_target": dep.grpc_target, "dim": dep.table.dim, "queries": p.jobs_queries, "k": 10,
-        "concurrency": max(1, dep.pool_size), "reps": p.reps, "timeout": max(p.timeout, 10.0),
+        "concurrency": max(1, dep.pool_size), "reps": jobs_reps(p), "timeout": max(p.timeout, 10.0),
         # Per wait (a job, the N direct calls): ~10x the single-core scan time of N queries, at least 2 min.
         "job_timeout": max(120.0, 10 * p.jobs_queries * bench.results["calibration"]["inproc_search_ms"]["p50"] / 1000),
         "poll": 0.02, "fairness_seconds": p.jobs_fairness_seconds, "fairness_factor": p.jobs_fairness_factor, "seed": 7,
     }
-    bench.log(f"  jobs: {p.jobs_queries} queries x {p.reps} reps, fairness {p.jobs_fairness_factor}x in {p.jobs_fairness_seconds} s windows")
+    bench.log(f"  jobs: {p.jobs_queries} queries x {jobs_reps(p)} reps, fairness {p.jobs_fairness_factor}x in {p.jobs_fairness_seconds} s windows")
     argv = [sys.executable, "-m", "bench.jobs", json.dumps(config, separators=(",", ":"))]
     # Bound: every rep (job + direct) and the big job each within job_timeout, plus the windows.
-    bound = config["job_timeout"] * (2 * p.reps + 1) + 2 * p.jobs_fairness_seconds + 60.0
+    bound = config["job_timeout"] * (2 * jobs_reps(p) + 1) + 2 * p.jobs_fairness_seconds + 60.0
     proc = subprocess.run(argv, cwd=ROOT, env=base_env({}), capture_output=True, text=True, timeout=bound)
     result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode != 0 or result is None:
@@ -287,3 +323,45 @@ def memory_sweep(bench: Bench) -> None:
     finally:
         for dep in computes.values():
             dep.stop()
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+def plan(p: Profile) -> dict:
+    """What the load runs of one `python -m bench` cost, from the profile alone (mirrors the order
+    in bench/__main__.py): per scenario, the number of load generator runs, the sum of their
+    measured-plus-warmup windows, and the sum of their bounds (warmup + duration + drain; a closed
+    loop only spends its drain on requests still in flight at the end). Not counted: start-up of
+    the designs, calibration, the jobs scenario, and ~1 s of interpreter start per run."""
+    rows: dict[str, tuple[int, float, float]] = {}
+
+    def add(scenario: str, runs: int, warmup: float, duration: float, drain: float) -> None:
+        n, window, bound = rows.get(scenario, (0, 0.0, 0.0))
+        rows[scenario] = (n + runs, window + runs * (warmup + duration), bound + runs * (warmup + duration + drain))
+
+    designs_with_http = 3  # offload, naive-inline, naive-executor
+    add("hop", len(HOP_ROWS) * len(p.hop_levels) * p.reps, p.hop_warmup, p.hop_duration, p.hop_drain)
+    search_runs = p.reps + designs_with_http * sum(p.reps if level == 1 else 1 for level in p.concurrency)  # + offload gRPC c=1
+    add("search_concurrency", search_runs, p.warmup, p.concurrency_duration, p.drain)
+    add("mixed_closed", designs_with_http * p.reps, p.warmup, p.duration, p.drain)
+    add("mixed_open", designs_with_http * p.reps, p.warmup, p.duration, p.drain)
+    add("overload", designs_with_http * max(1, p.reps - 1), p.warmup, p.duration, p.drain)
+    swept = 0
+    for design, workers, pool in p.memory_sweep if p.memory_table is not None else []:
+        copies = workers * (1 + pool) if design == "naive-executor" else workers
+        swept += design == "offload" or copies <= p.max_private_copies
+    add("memory_sweep_touch", swept, 0.2, 1.0, 5.0)
+    out = {k: {"runs": n, "window_seconds": round(w, 1), "bound_seconds": round(b, 1)} for k, (n, w, b) in rows.items()}
+    out["total"] = {
+        "runs": sum(r["runs"] for r in out.values()),
+        "window_seconds": round(sum(r["window_seconds"] for r in out.values()), 1),
+        "bound_seconds": round(sum(r["bound_seconds"] for r in out.values()), 1),
+    }
+    # The jobs scenario is not windowed: it lasts as long as its Search work (each repetition: N
+    # queries as jobs, then as Search calls at pool-size concurrency) plus two fairness windows.
+    out["jobs"] = {
+        "reps": jobs_reps(p), "queries_per_rep": p.jobs_queries, "direct_search_calls": jobs_reps(p) * p.jobs_queries,
+        "fairness_window_seconds": 2 * p.jobs_fairness_seconds,
+    }
+    return out

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DESIGNS = ("offload", "naive-inline", "naive-executor")
+HOP_ROLES = {"forwarded", "direct-plain", "direct-batched", "inline", "hello"}
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,36 @@ def test_results_cover_every_design_and_scenario(smoke_run) -> None:
     for scenario in ("mixed_closed", "mixed_open"):
         light = results[scenario]["offload"]["summary"]["light"]
         assert light["errors"]["median"] == 0 and light["timeouts"]["median"] == 0
-    assert {"GetItem via gateway (HTTP)", "GetItem direct gRPC", "FastAPI hello-world (HTTP)"} <= set(results["hop"])
     assert results["calibration"]["inproc_search_ms"]["p50"] > 0
     assert results["calibration"]["memory_read_gb_per_s"]["median"] > 0
+
+
+def test_hop_table_rows_and_levels(smoke_run) -> None:
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    levels = [str(level) for level in results["profile"]["hop_levels"]]
+    assert len(levels) == 2
+    rows = {row["role"]: row for row in results["hop"].values()}
+    assert set(rows) == HOP_ROLES  # the three offload rows, naive-inline and hello
+    assert {rows[r]["protocol"] for r in ("forwarded", "direct-plain", "direct-batched")} == {"http", "grpc", "grpc-batched"}
+    assert {rows[r]["design"] for r in ("forwarded", "direct-plain", "direct-batched")} == {"offload"}
+    assert rows["inline"]["design"] == "naive-inline" and rows["hello"]["design"] == "fastapi-hello"
+    for role, row in rows.items():
+        assert sorted(row["levels"], key=int) == levels, role
+        for level in levels:
+            entry = row["levels"][level]
+            assert len(entry["reps"]) == results["profile"]["reps"]
+            light = entry["summary"]["light"]
+            assert light["ok"]["median"] > 0 and light["errors"]["median"] == 0, (role, level)
+            assert entry["reps"][0]["config"]["connections"] == int(level)
+            for group in row["path_groups"] + ["loadgen"]:
+                assert entry["summary"]["_cpu"][f"cpu_us_per_request.{group}"]["median"] > 0, (role, level, group)
+    # The coalescing client really batched: the policy was known and GetItem went through Dispatch.
+    for level in levels:
+        transport = rows["direct-batched"]["levels"][level]["reps"][0]["transport"]
+        assert "/offload.v1.ComputeService/GetItem" in transport["batched_methods"]
+        assert transport["batched_calls"] > 0 and transport["calls_per_dispatch"] >= 1
+    assert rows["direct-plain"]["levels"][levels[0]]["reps"][0]["transport"] == {}
 
 
 def test_memory_is_pss_over_all_processes(smoke_run) -> None:
@@ -72,10 +100,20 @@ def test_memory_is_pss_over_all_processes(smoke_run) -> None:
 def test_report_and_charts_written(smoke_run) -> None:
     out, _ = smoke_run
     report = (out / "report.md").read_text()
-    for heading in ("## Targets (issue 5)", "## Machine", "## Mixed load, open loop", "## Hop cost", "## Memory", "## Search", "## Jobs"):
+    for heading in ("## Targets (issue 5)", "## Targets (the hop)", "## Machine", "## Mixed load, open loop", "## Hop cost", "## Memory", "## Search", "## Jobs"):
         assert heading in report
     assert "| job / direct |" in report and "not implemented" not in report
     assert "met**" in report or "missed**" in report
+    targets = json.loads((out / "results.json").read_text())["targets"]
+    hop = [t for t in targets if t["section"] == "the hop"]
+    assert len(hop) == 5 and all(t["met"] is not None for t in hop), hop
+    assert len([t for t in targets if t["section"] == "issue 5"]) == 6
+    section = report.split("## Targets (the hop)", 1)[1].split("\n## ", 1)[0]
+    assert sum(line.startswith("|") for line in section.splitlines()) == 2 + len(hop)  # header, rule, targets
+    table = report.split("## Hop cost", 1)[1].split("\n## ", 1)[0]
+    for name in json.loads((out / "results.json").read_text())["hop"]:
+        assert f"| {name} |" in table
+    assert "c=1 req/s (× inline)" in table
     for chart in ("latency.png", "memory_pss.png", "search_concurrency.png", "hop_cpu.png"):
         data = (out / chart).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, chart
@@ -86,7 +124,8 @@ def test_jobs_scenario(smoke_run) -> None:
     jobs = json.loads((out / "results.json").read_text())["jobs"]
     assert "skipped" not in jobs, jobs.get("skipped")
     assert jobs["design"] == "offload" and jobs["queries"] > 0
-    assert len(jobs["reps"]) == json.loads((out / "results.json").read_text())["profile"]["reps"]
+    profile = json.loads((out / "results.json").read_text())["profile"]
+    assert len(jobs["reps"]) == (profile["jobs_reps"] or profile["reps"])
     for rep in jobs["reps"]:
         assert rep["job_qps"] > 0 and rep["direct_qps"] > 0 and rep["direct_errors"] == 0
         assert rep["ratio"] == rep["job_qps"] / rep["direct_qps"]
