@@ -316,7 +316,7 @@ class BatchedGrpcTransport:
         try:
             await self.methods[method](message, timeout=self.timeout)
         except self.CallError as exc:
-            return self.http_status.get(exc.code, 500)
+            return self.http_status.get(exc.code(), 500)
         return 200
 
     def stats(self, window_start: float, window_end: float) -> dict:

@@ -1,55 +1,60 @@
 """The Dispatch RPC (offload.v1.CallBatching): many unary calls in one RPC, each on its own.
 
 Every item goes through the same `CallPath` as a unary call of its method and gets its own
-`google.rpc.Status`: a bad, failing or late item never fails its neighbours. Inline methods
-(plain `def` @light) are answered in order, synchronously; anything else a client sends here
-anyway (a stale policy, another client) still works: it runs as a task with its own deadline,
-and the response waits for it. `GetBatchingPolicy` tells clients which methods are inline, so
-they send only those and a slow call never holds a fast one.
+`google.rpc.Status`: a bad, failing or late item never fails its neighbours, whatever it
+raises or returns. Inline methods (plain `def` @light) are answered in order, synchronously;
+anything else a client sends here anyway (a stale policy, another client) still works: it runs
+as a task with its own deadline, and the response waits for it (it can be cancelled only with
+the whole RPC). `GetBatchingPolicy` tells clients which methods are inline, so they send only
+those and a slow call never holds a fast one.
 
-Limits: at most `max_calls` items and the gRPC message limit per request; a response that
-would pass the message limit answers the items that do not fit with RESOURCE_EXHAUSTED.
+Limits: at most `max_calls` items and the gRPC message limit per request; a reply is kept
+within the smaller of compute's message limit and the client's receive limit, and the items
+whose response does not fit fail alone with RESOURCE_EXHAUSTED (marked, so that the client
+may send them again as plain calls).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2
-from prometheus_client import CollectorRegistry, Histogram
 
 from compute.calls import BoundOperation, CallPath
-from compute.errors import ComputeError, DeadlineExceeded, ResourceExhausted
+from compute.errors import Cancelled, ComputeError, DeadlineExceeded, Internal, ResourceExhausted
+from compute.metrics import BatchMetrics
 from compute.servicer import retry_after_seconds
 from offload import context
 from offload.v1 import batching_pb2
 
-SERVICE = "offload.v1.CallBatching"
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-BATCH_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+log = logging.getLogger("compute.batching")
 
-
-class BatchMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.calls = Histogram(
-            "offload_compute_batch_calls", "Calls per Dispatch RPC (batch size)", buckets=BATCH_SIZE_BUCKETS, registry=registry
-        )
-        self.bytes = Histogram(
-            "offload_compute_batch_bytes", "Request bytes per Dispatch RPC", buckets=BATCH_BYTES_BUCKETS, registry=registry
-        )
+BATCHING_SERVICE = "offload.v1.CallBatching"
+RESPONSE_TOO_LARGE_FOR_BATCH = "RESPONSE_TOO_LARGE_FOR_BATCH"  # the ErrorInfo reason offload.client resends on
+# Bytes kept per result for its framing and, should it fail, its status (a message, RetryInfo, ErrorInfo).
+_RESULT_RESERVE = 256
+_CODE_VALUES = dict(code_pb2.Code.items())
 
 
 def _fail(result: Any, exc: ComputeError) -> None:
-    result.status.code = code_pb2.Code.Value(exc.code)
+    result.status.code = _CODE_VALUES.get(exc.code, code_pb2.UNKNOWN)
     result.status.message = exc.message
     if isinstance(exc, ResourceExhausted):
         info = error_details_pb2.RetryInfo()
         info.retry_delay.seconds = retry_after_seconds(exc)
         result.status.details.add().Pack(info)
+
+
+def _bug(bound: BoundOperation, exc: BaseException, ctx: context.RequestContext) -> Internal:
+    """A failure outside the operation's own code (e.g. a response of the wrong type)."""
+    with context.bound(ctx):
+        log.error("operation failed", exc_info=exc, extra={"method": bound.op.method})
+    return Internal("internal error")
 
 
 class BatchingServicer:
@@ -75,7 +80,7 @@ class BatchingServicer:
                 batching_pb2.BatchingPolicy.SerializeToString,
             ),
         }
-        return [grpc.method_handlers_generic_handler(SERVICE, methods)]
+        return [grpc.method_handlers_generic_handler(BATCHING_SERVICE, methods)]
 
     async def get_policy(self, request: Any, grpc_context: grpc.aio.ServicerContext) -> batching_pb2.BatchingPolicy:
         return self.policy()
@@ -86,8 +91,11 @@ class BatchingServicer:
             await grpc_context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch may hold at most {self._max_calls} calls"
             )
-        self._metrics.calls.observe(len(items))
-        self._metrics.bytes.observe(request.ByteSize())
+        metrics = self._metrics
+        metrics.calls.observe(len(items))
+        metrics.bytes.observe(request.ByteSize())
+        if request.HasField("waited"):
+            metrics.wait.observe(request.waited.ToNanoseconds() / 1e9)
         reply = batching_pb2.DispatchResponse()
         results = [reply.results.add() for _ in items]
         encoded: list[bytes | None] = [None] * len(items)
@@ -109,14 +117,17 @@ class BatchingServicer:
                     continue
                 ctx = context.from_headers(item.request_id, item.traceparent, item.tracestate)
                 deadline = now + item.timeout.ToNanoseconds() / 1e9 if item.HasField("timeout") else None
-                if bound.inline:
-                    try:
-                        encoded[index] = calls.answer_now(bound, message, ctx, deadline).SerializeToString()
-                    except ComputeError as exc:
-                        _fail(results[index], exc)
-                else:
+                if not bound.inline:
                     task = asyncio.ensure_future(self._awaited(bound, message, ctx, deadline))
                     pending[task] = index
+                    continue
+                try:
+                    # The class's own serializer checks the response type, as the unary handler's does.
+                    encoded[index] = bound.response_cls.SerializeToString(calls.answer_now(bound, message, ctx, deadline))
+                except ComputeError as exc:
+                    _fail(results[index], exc)
+                except Exception as exc:
+                    _fail(results[index], _bug(bound, exc, ctx))
             if pending:
                 await asyncio.wait(pending)
                 for task, index in pending.items():
@@ -124,10 +135,13 @@ class BatchingServicer:
                         encoded[index] = task.result()
                     except ComputeError as exc:
                         _fail(results[index], exc)
+                    except asyncio.CancelledError:
+                        _fail(results[index], Cancelled("the call was cancelled"))
         finally:
             for task in pending:  # the whole RPC was cancelled: so is every item still running
                 task.cancel()
-        self._fill(results, encoded)
+        limit = min(self._max_bytes, request.max_response_bytes or self._max_bytes)
+        self._fill(results, encoded, limit)
         return reply
 
     async def _awaited(self, bound: BoundOperation, message: Any, ctx: context.RequestContext, deadline: float | None) -> bytes:
@@ -136,19 +150,32 @@ class BatchingServicer:
         try:
             async with asyncio.timeout(timeout):
                 response = await self._calls.answer(bound, message, ctx, deadline)
+            return bound.response_cls.SerializeToString(response)
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed before compute answered") from None
-        return response.SerializeToString()
+        except (ComputeError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _bug(bound, exc, ctx) from exc
 
-    def _fill(self, results: list[Any], encoded: list[bytes | None]) -> None:
-        """Put the responses in, within the message limit (room is left for the framing)."""
-        room = self._max_bytes - 64 * len(results)
+    @staticmethod
+    def _fill(results: list[Any], encoded: list[bytes | None], limit: int) -> None:
+        """Put the responses in, within `limit` bytes for the whole reply.
+
+        A response that does not fit next to the others fails alone, marked so that the client
+        may send it again as a plain call (where it has the whole message to itself).
+        """
+        # Every result has room reserved for a status, so failing an item never needs more.
+        room = limit - _RESULT_RESERVE * len(results) - 64
         for result, payload in zip(results, encoded):
             if payload is None:
-                room -= result.status.ByteSize()
-                continue
-            if len(payload) > room:
+                room -= max(0, result.status.ByteSize() - _RESULT_RESERVE)
+            elif len(payload) <= room:
+                room -= len(payload)
+                result.response = payload
+            elif len(payload) + _RESULT_RESERVE + 64 <= limit:
+                _fail(result, ResourceExhausted("the response did not fit in the batch; send it alone"))
+                info = error_details_pb2.ErrorInfo(reason=RESPONSE_TOO_LARGE_FOR_BATCH, domain="offload")
+                result.status.details.add().Pack(info)
+            else:
                 _fail(result, ResourceExhausted("the response is larger than the gRPC message limit"))
-                continue
-            room -= len(payload)
-            result.response = payload

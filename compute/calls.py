@@ -191,4 +191,7 @@ class _Served:
         finally:
             del calls.inflight[id(self)]
             calls._observe(bound, code, self._started)  # its DEBUG line carries the context too
-            context.unbind(self._token)
+            try:
+                context.unbind(self._token)
+            except ValueError:
+                pass  # a stream finalised outside the task that ran it (abandoned): nothing to restore

@@ -9,8 +9,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from compute.pool import PoolStats
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+from offload.buckets import BATCH_BYTES_BUCKETS, BATCH_SIZE_BUCKETS, BATCH_WAIT_BUCKETS, LATENCY_BUCKETS
 
 
 class CallMetrics:
@@ -18,6 +17,24 @@ class CallMetrics:
         self.calls = Counter("offload_compute_calls", "RPCs served, by status code", ["method", "code"], registry=registry)
         self.seconds = Histogram(
             "offload_compute_call_seconds", "RPC latency inside compute", ["method"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+
+
+class BatchMetrics:
+    """Of the Dispatch RPCs (batches of calls from offload.client and the gateway)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Histogram(
+            "offload_compute_batch_calls", "Calls per Dispatch RPC (batch size)", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.bytes = Histogram(
+            "offload_compute_batch_bytes", "Request bytes per Dispatch RPC", buckets=BATCH_BYTES_BUCKETS, registry=registry
+        )
+        self.wait = Histogram(
+            "offload_compute_batch_wait_seconds",
+            "Coalescing wait the client reported: how long a batch's oldest call waited for it to leave",
+            buckets=BATCH_WAIT_BUCKETS,
+            registry=registry,
         )
 
 

@@ -23,11 +23,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from compute import pool as pool_module
 from compute import registry, shm
-from compute import batching as batching_module
-from compute.batching import BatchingServicer, BatchMetrics
+from compute.batching import BATCHING_SERVICE, BatchingServicer
 from compute.calls import CallPath
 from compute.jobs.runner import JobService
-from compute.metrics import CallMetrics, PoolCollector
+from compute.metrics import BatchMetrics, CallMetrics, PoolCollector
 from compute.pool import HealingPool
 from compute.runtime import Runtime
 from compute.servicer import OperationServicer
@@ -197,7 +196,7 @@ class ComputeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = calls.service_names()
         reflection.enable_server_reflection(
-            [*names, batching_module.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [*names, BATCHING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         if settings.tls_cert_file is not None:
             credentials = grpc.ssl_server_credentials(

@@ -8,6 +8,7 @@ becomes a gRPC status (with a `retry-after` trailer for RESOURCE_EXHAUSTED).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -84,8 +85,10 @@ class OperationServicer:
         async def handle(request: Any, grpc_context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             ctx = request_context(grpc_context)
             try:
-                async for message in calls.stream(bound, request, ctx):
-                    yield message
+                # aclosing: an abandoned stream is finalised here, in its own task, not by the GC.
+                async with contextlib.aclosing(calls.stream(bound, request, ctx)) as messages:
+                    async for message in messages:
+                        yield message
             except ComputeError as exc:
                 await abort(grpc_context, exc, ctx.request_id)
 

@@ -90,7 +90,7 @@ def http_status_for(code: grpc.StatusCode) -> int:
 
 def from_call_error(exc: CallError) -> ApiError:
     """Map a failed call, batched or not. A server's retry hint becomes Retry-After."""
-    code = exc.code
+    code = exc.code()
     message = _FIXED_MESSAGES.get(code)
     if message is None:
         message = (exc.message or code.name.lower().replace("_", " "))[:_MAX_MESSAGE]

@@ -7,16 +7,18 @@
 What it does for you:
 - **Batching.** Calls of the methods compute answers on its loop without awaiting (it says which,
   through `CallBatching.GetBatchingPolicy`) that are issued within one event-loop iteration (or
-  `batch_window` seconds) travel as one `Dispatch` RPC. A gRPC call costs ~400 µs of CPU on each
-  side; a batched one ~20-60 µs per item. Every other call (pool work, I/O, streams) is a plain
-  gRPC call of its own, so nothing slow shares an RPC with something fast. Until the policy is
-  known (compute not reachable yet), every call is plain unary.
+  `batch_window` seconds) travel as one `Dispatch` RPC (`offload.batcher`). A gRPC call costs
+  ~300-400 µs of CPU on each side; a batched one tens of µs per call. Every other call (pool
+  work, I/O) is a plain gRPC call of its own, so nothing slow shares an RPC with something
+  fast. Until the policy is known (compute not reachable yet), every call is plain unary.
 - **Per-call semantics of a unary call:** each call has its own deadline (enforced here and
   in compute), its own status, and its own cancellation: a call cancelled before its batch left
   is never sent. A failed batch fails each member with its status (UNAVAILABLE when compute is
   down); calls of `idempotent_methods` are retried on UNAVAILABLE within their deadline, batched
-  or not (plain calls through gRPC's own retry policy).
-- **Errors** are `CallError` (a `grpc.RpcError`) with `.code`, `.message`, `.retry_after`.
+  or not (plain calls through gRPC's own retry policy). A call that cannot share a batch (too
+  big, or its response did not fit next to the others' and it is idempotent) goes alone, plain.
+- **Errors** are `CallError`, a `grpc.RpcError` read like a failed call: `code()`, `details()`,
+  plus `retry_after` (seconds) when the server asked the caller to wait.
 
 Preconditions: create and use a channel inside one running event loop (gRPC channels must not
 cross a fork). `start()` once (or `async with`); `close()` is idempotent.
@@ -26,52 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
-import time
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2
 
+from offload.batcher import BATCH_REFUSED, RESPONSE_TOO_LARGE_FOR_BATCH, BatchObserver, CallBatcher, CallError
 from offload.context import REQUEST_ID_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER, RequestContext, child_traceparent
 from offload.v1 import batching_pb2
 
 __all__ = ["BatchObserver", "CallError", "ComputeChannel", "UnaryMethod"]
 
+log = logging.getLogger("offload.client")
+
 DISPATCH = "/offload.v1.CallBatching/Dispatch"
 GET_POLICY = "/offload.v1.CallBatching/GetBatchingPolicy"
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _RETRY_BACKOFF = (0.05, 0.5)  # first and largest delay between attempts (full jitter)
-
-
-class CallError(grpc.RpcError):
-    """A call that did not succeed, batched or not: the status a unary call would have had."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after  # seconds, when the server asked the caller to wait
-
-    def __repr__(self) -> str:
-        return f"CallError({self.code.name}, {self.message!r})"
-
-    @classmethod
-    def from_rpc_error(cls, exc: grpc.aio.AioRpcError) -> "CallError":
-        retry_after = None
-        for key, value in exc.trailing_metadata() or ():
-            if key == "retry-after":
-                try:
-                    retry_after = float(value)
-                except (TypeError, ValueError):
-                    pass
-        return cls(exc.code(), exc.details() or "", retry_after)
-
-
-class BatchObserver(Protocol):
-    """Told about every batch sent (e.g. to record metrics)."""
-
-    def batch_sent(self, calls: int, waited_seconds: float) -> None: ...
 
 
 def metadata(ctx: RequestContext | None) -> tuple[tuple[str, str], ...]:
@@ -84,109 +57,9 @@ def metadata(ctx: RequestContext | None) -> tuple[tuple[str, str], ...]:
     return md
 
 
-def _status_error(status: Any) -> CallError:
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
-    retry_after = None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry_after = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return CallError(code, status.message, retry_after)
-
-
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before compute answered"))
-
-
-class _Queued:
-    """One call waiting for its batch."""
-
-    __slots__ = ("call", "future", "enqueued")
-
-    def __init__(self, call: batching_pb2.BatchedCall, future: asyncio.Future, enqueued: float) -> None:
-        self.call = call
-        self.future = future
-        self.enqueued = enqueued
-
-
-class _Batcher:
-    """Collects calls and sends them as Dispatch RPCs (one per flush)."""
-
-    def __init__(self, dispatch: Any, *, window: float, max_calls: int, max_bytes: int, observer: BatchObserver | None) -> None:
-        self._dispatch = dispatch
-        self._window = window
-        self.max_calls = max_calls
-        self.max_bytes = max_bytes
-        self._observer = observer
-        self._queue: list[_Queued] = []
-        self._bytes = 0
-        self._flush_handle: asyncio.Handle | None = None
-        self._sending: set[asyncio.Task] = set()
-
-    def submit(self, call: batching_pb2.BatchedCall, size: int) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if self._queue and (len(self._queue) >= self.max_calls or self._bytes + size > self.max_bytes):
-            self.flush()
-        self._queue.append(_Queued(call, future, loop.time()))
-        self._bytes += size
-        if self._flush_handle is None:
-            # call_soon runs after every callback already due in this iteration: the calls that
-            # other requests issue in the same iteration join this batch.
-            self._flush_handle = loop.call_soon(self.flush) if self._window <= 0 else loop.call_later(self._window, self.flush)
-        return future
-
-    def flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        queued, self._queue, self._bytes = self._queue, [], 0
-        # A caller that gave up (cancelled, timed out) before the batch left is not sent.
-        live = [q for q in queued if not q.future.done()]
-        if not live:
-            return
-        loop = asyncio.get_running_loop()
-        if self._observer is not None:
-            self._observer.batch_sent(len(live), loop.time() - live[0].enqueued)
-        request = batching_pb2.DispatchRequest(calls=[q.call for q in live])
-        timeouts = [q.call.timeout.ToNanoseconds() / 1e9 for q in live if q.call.HasField("timeout")]
-        # The RPC lives as long as its longest-lived item (each item is bounded on its own).
-        timeout = max(timeouts) + 0.1 if len(timeouts) == len(live) else None
-        task = loop.create_task(self._send(live, request, timeout))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, live: list[_Queued], request: batching_pb2.DispatchRequest, timeout: float | None) -> None:
-        try:
-            reply = await self._dispatch(request, timeout=timeout, wait_for_ready=False)
-        except grpc.aio.AioRpcError as exc:
-            error = CallError.from_rpc_error(exc)
-            for q in live:
-                if not q.future.done():
-                    q.future.set_exception(error)
-            return
-        except BaseException as exc:  # channel closed, task cancelled: nobody is left waiting
-            error = CallError(grpc.StatusCode.CANCELLED, "the channel was closed")
-            for q in live:
-                if not q.future.done():
-                    q.future.set_exception(error)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        for q, result in zip(live, reply.results):
-            if q.future.done():
-                continue
-            if result.HasField("status") and result.status.code != code_pb2.OK:
-                q.future.set_exception(_status_error(result.status))
-            else:
-                q.future.set_result(result.response)
-
-    async def close(self) -> None:
-        self.flush()
-        if self._sending:
-            await asyncio.wait(set(self._sending), timeout=1.0)
 
 
 class UnaryMethod:
@@ -207,29 +80,35 @@ class UnaryMethod:
         batcher = channel._batcher
         if batcher is None or self.path not in channel._batched:
             return await self._call_plain(request, timeout, ctx)
-        payload = request.SerializeToString()
-        if len(payload) > batcher.max_bytes:  # too big to share an RPC: alone, as a unary call
-            return await self._call_plain(request, timeout, ctx)
-        return self._response_cls.FromString(await self._batched(batcher, payload, timeout, ctx))
-
-    async def _batched(self, batcher: _Batcher, payload: bytes, timeout: float | None, ctx: RequestContext | None) -> bytes:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        try:
+            response = await self._batched(batcher, request.SerializeToString(), deadline, ctx)
+        except CallError as exc:
+            # Alone it may work: a refused batch ran nothing; a response too big to share the
+            # reply ran once already, so only an idempotent call may run again.
+            if not (exc.reason == BATCH_REFUSED or (exc.reason == RESPONSE_TOO_LARGE_FOR_BATCH and self.idempotent)):
+                raise
+            response = None
+        if response is None:  # too big to share an RPC: alone, as a unary call
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            return await self._call_plain(request, remaining, ctx)
+        return self._response_cls.FromString(response)
+
+    async def _batched(self, batcher: CallBatcher, payload: bytes, deadline: float | None, ctx: RequestContext | None) -> bytes | None:
+        """The serialized response, or None if the call is too big for a batch."""
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
-            call = batching_pb2.BatchedCall(method=self.path, request=payload)
-            if ctx is not None:
-                call.request_id = ctx.request_id
-                call.traceparent = child_traceparent(ctx.traceparent)
-                call.tracestate = ctx.tracestate
-            timer = None
-            if deadline is not None:
-                remaining = max(0.0, deadline - loop.time())
-                call.timeout.FromNanoseconds(int(remaining * 1e9))
-            future = batcher.submit(call, len(payload))
-            if deadline is not None:
-                # A timer handle, not asyncio.timeout(): the same effect for ~1/5 of the cost.
-                timer = loop.call_at(deadline, _expire, future)
+            if ctx is None:
+                future = batcher.submit(self.path, payload, deadline)
+            else:
+                future = batcher.submit(self.path, payload, deadline, ctx.request_id,
+                                        child_traceparent(ctx.traceparent), ctx.tracestate)
+            if future is None:
+                return None
+            # A timer handle, not asyncio.timeout(): the same effect for ~1/5 of the cost.
+            timer = None if deadline is None else loop.call_at(deadline, _expire, future)
             try:
                 return await future
             except CallError as exc:
@@ -244,7 +123,7 @@ class UnaryMethod:
 
     def _retry_delay(self, exc: CallError, attempt: int, deadline: float | None, now: float) -> float | None:
         """Seconds to wait before the next attempt, or None: do not retry."""
-        if not (self.idempotent and exc.code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._channel.retry_max_attempts):
+        if not (self.idempotent and exc.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._channel.retry_max_attempts):
             return None
         first, largest = _RETRY_BACKOFF
         delay = random.uniform(0, min(largest, first * 2**attempt))
@@ -253,11 +132,13 @@ class UnaryMethod:
         return delay
 
     async def _call_plain(self, request: Any, timeout: float | None, ctx: RequestContext | None) -> Any:
-        call = self._plain(request, timeout=timeout, metadata=metadata(ctx), wait_for_ready=False)
         try:
+            call = self._plain(request, timeout=timeout, metadata=metadata(ctx), wait_for_ready=False)
             return await call
         except grpc.aio.AioRpcError as exc:
             raise CallError.from_rpc_error(exc) from None
+        except grpc.aio.UsageError:
+            raise CallError(grpc.StatusCode.UNAVAILABLE, "the channel to compute is closed") from None
         except asyncio.CancelledError:
             call.cancel()  # the caller left: so does the call, and compute stops its work
             raise
@@ -318,6 +199,7 @@ class ComputeChannel:
         self._batch_window = batch_window
         self._batch_max_calls = batch_max_calls
         self._batch_max_bytes = min(batch_max_bytes, max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self._observer = observer
         self._options = [
             ("grpc.service_config", service_config(self._idempotent, retry_max_attempts)),
@@ -327,7 +209,7 @@ class ComputeChannel:
             *options,
         ]
         self._channel: grpc.aio.Channel | None = None
-        self._batcher: _Batcher | None = None
+        self._batcher: CallBatcher | None = None
         self._batched: frozenset[str] = frozenset()
         self._policy_task: asyncio.Task | None = None
         self._closed = False
@@ -360,6 +242,7 @@ class ComputeChannel:
         self._closed = True
         if self._policy_task is not None:
             self._policy_task.cancel()
+            await asyncio.gather(self._policy_task, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.close()
         if self._channel is not None:
@@ -386,14 +269,16 @@ class ComputeChannel:
 
     async def wait_policy(self, timeout: float) -> bool:
         """Wait until compute's batching policy is known; True if it is."""
-        deadline = time.monotonic() + timeout
-        while self._batcher is None and time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._batcher is None and loop.time() < deadline:
             await asyncio.sleep(0.01)
         return self._batcher is not None
 
     async def _follow_policy(self) -> None:
         """Read compute's batching policy whenever the channel (re)connects: a restarted compute
-        may serve other methods. Until it is known, calls are plain."""
+        may serve other methods. Until it is known, calls are plain. Never gives up: a failure
+        is logged and retried with backoff, so batching cannot silently stay off."""
         channel = self.grpc_channel
         get_policy = channel.unary_unary(
             GET_POLICY, request_serializer=_serialize, response_deserializer=batching_pb2.BatchingPolicy.FromString
@@ -401,33 +286,41 @@ class ComputeChannel:
         dispatch = channel.unary_unary(
             DISPATCH, request_serializer=_serialize, response_deserializer=batching_pb2.DispatchResponse.FromString
         )
-        state = channel.get_state(try_to_connect=True)
+        failures = 0
         while True:
-            if state is grpc.ChannelConnectivity.READY:
-                try:
-                    policy = await get_policy(batching_pb2.GetBatchingPolicyRequest(), timeout=2.0)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a compute without batching
-                        self._batched = frozenset()
-                        self._batcher = None
-                    else:  # not reachable after all: try again on the next state change or soon
-                        await asyncio.sleep(0.2)
-                        state = channel.get_state(try_to_connect=True)
-                        continue
-                else:
-                    self._apply(policy, dispatch)
-            await channel.wait_for_state_change(state)
-            state = channel.get_state(try_to_connect=True)
+            try:
+                state = channel.get_state(try_to_connect=True)
+                if state is grpc.ChannelConnectivity.READY:
+                    try:
+                        policy = await get_policy(batching_pb2.GetBatchingPolicyRequest(), timeout=2.0)
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                            raise
+                        self._batched = frozenset()  # a compute without batching: every call plain
+                    else:
+                        self._apply(policy, dispatch)
+                    failures = 0
+                await channel.wait_for_state_change(state)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures)
+                if not isinstance(exc, grpc.aio.AioRpcError):
+                    log.warning("reading compute's batching policy failed; retrying", exc_info=exc,
+                                extra={"retry_in_seconds": delay})
+                await asyncio.sleep(delay)
 
     def _apply(self, policy: batching_pb2.BatchingPolicy, dispatch: Any) -> None:
         max_calls = min(self._batch_max_calls, policy.max_calls or self._batch_max_calls)
         max_bytes = min(self._batch_max_bytes, policy.max_bytes or self._batch_max_bytes)
         if self._batcher is None:
-            self._batcher = _Batcher(
+            self._batcher = CallBatcher(
                 dispatch,
                 window=self._batch_window,
                 max_calls=max_calls,
                 max_bytes=max_bytes,
+                max_response_bytes=self._max_message_bytes,
                 observer=self._observer,
             )
         else:
