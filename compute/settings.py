@@ -47,7 +47,9 @@ class ComputeSettings(BaseSettings):
     # -- the pool ---------------------------------------------------------------------------
     pool_size: int = Field(max(1, os.cpu_count() or 1), ge=1, description="Pool worker processes")
     blas_threads: int = Field(1, ge=1, description="BLAS threads per pool worker")
-    worker_nice: int = Field(10, ge=0, le=19, description="Niceness added to pool workers")
+    worker_nice: int = Field(
+        19, ge=0, le=19, description="Niceness added to pool workers (19: the serving loops get the CPU first)"
+    )
     max_inflight: int = Field(16, ge=1, description="Heavy calls running + queued; beyond: RESOURCE_EXHAUSTED")
     max_k: int = Field(1000, ge=1, description="Largest k for Search")
     search_chunk_rows: int = Field(32768, ge=256, description="Rows scanned between cancellation checks")
