@@ -12,7 +12,7 @@ PROTO_STAMP := offload/v1/.generated
 help:
 	@echo "make dev          start compute + gateway (Procfile, honcho) on http://127.0.0.1:8000"
 	@echo "make test         run the test suite (bootstraps .venv, generates protos)"
-	@echo "make bench        full benchmark vs the naive designs (~15 min), report in bench/results/"
+	@echo "make bench        full benchmark vs the naive designs (~9 min), report in bench/results/"
 	@echo "make bench-quick  the same, small (~2 min)"
 	@echo "make protos       regenerate offload/v1 from protos/"
 	@echo "make compute      run compute alone;  make gateway: run the gateway alone"
