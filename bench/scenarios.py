@@ -16,7 +16,7 @@ import numpy as np
 from bench import designs, memory
 from bench.designs import Deployment, Table
 from bench.procs import ROOT, base_env
-from bench.runner import HEAVY, LIGHT, repeat, spread, summarise, summarise_classes
+from bench.runner import HEAVY, LIGHT, repeat, spread, summarise_classes
 
 
 @dataclass

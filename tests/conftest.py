@@ -46,6 +46,28 @@ def terminate(proc: subprocess.Popen | None, timeout: float) -> int:
         return proc.wait(5)
 
 
+def metric_sample(text: str, name: str, **labels: str) -> float:
+    """Sum of the Prometheus samples `name` in `text` whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def kill_orphans(processes: list[psutil.Process]) -> None:
+    """A SIGKILLed compute leaves its forkserver and pool workers behind: a test must not leak them."""
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=5)
+
+
 @dataclass
 class ComputeProcess:
     """A real `python -m compute`, started by a test. Stop it with stop()/kill()."""
@@ -95,6 +117,13 @@ class ComputeProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics_text(self) -> str:
+        """compute's own /metrics (its port is in the "compute ready" log line)."""
+        import httpx
+
+        ready = [r for r in self.log_records() if r.get("msg") == "compute ready"][-1]
+        return httpx.get(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=5).text
 
     def log_records(self) -> list[dict]:
         records = []

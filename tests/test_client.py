@@ -14,16 +14,14 @@ import time
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from google.rpc import code_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 from offload.client import CallError, ComputeChannel
 from offload.context import RequestContext
 from offload.testing.v1 import testing_pb2
 from offload.v1 import batching_pb2, compute_pb2, search_pb2
-from tests.conftest import ComputeLauncher, ComputeProcess, wait_until
+from tests.conftest import ComputeLauncher, ComputeProcess, metric_sample, wait_until
 
 COMPUTE = "/offload.v1.ComputeService"
 TESTING = "/offload.testing.v1.TestingService"
@@ -66,30 +64,15 @@ def limits_compute(launcher) -> ComputeProcess:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def metrics_text(compute: ComputeProcess) -> str:
-    ready = [r for r in compute.log_records() if r.get("msg") == "compute ready"][-1]
-    return httpx.get(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=5).text
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples `name` whose labels include `labels` (0 when there is none)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 class Metrics:
     """Compute's metrics now, and later the change of any sample."""
 
     def __init__(self, compute: ComputeProcess) -> None:
         self.compute = compute
-        self.before = metrics_text(compute)
+        self.before = compute.metrics_text()
 
     def delta(self, name: str, **labels: str) -> float:
-        return sample(metrics_text(self.compute), name, **labels) - sample(self.before, name, **labels)
+        return metric_sample(self.compute.metrics_text(), name, **labels) - metric_sample(self.before, name, **labels)
 
     def calls(self, method: str, code: str | None = None) -> float:
         labels = {"method": method} if code is None else {"method": method, "code": code}

@@ -22,9 +22,8 @@ import orjson
 import psutil
 import pytest
 from google.rpc import code_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ComputeLauncher, ComputeProcess, wait_until
+from tests.conftest import ComputeLauncher, ComputeProcess, kill_orphans, metric_sample, wait_until
 from tests.gateway.conftest import GatewayLauncher, GatewayProcess
 
 # google/rpc/code.proto's "HTTP Mapping" lines (CANCELLED: 499, the de-facto client-closed code).
@@ -91,18 +90,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 def compute_metrics(compute: ComputeProcess) -> str:
-    ready = [r for r in compute.log_records() if r.get("msg") == "compute ready"][-1]
-    return httpx.get(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=5).text
+    return compute.metrics_text()
 
 
 def gateway_metrics(gateway: GatewayProcess) -> str:
@@ -117,7 +106,7 @@ class Delta:
         self.before = fetch()
 
     def __call__(self, name: str, **labels: str) -> float:
-        return sample(self.fetch(), name, **labels) - sample(self.before, name, **labels)
+        return metric_sample(self.fetch(), name, **labels) - metric_sample(self.before, name, **labels)
 
 
 def compute_delta(compute: ComputeProcess) -> Delta:
@@ -379,28 +368,18 @@ def test_batch_metrics_are_exposed_by_gateway_and_compute(stack):
     assert compute_batches("offload_compute_batch_bytes_count") == 6 and compute_batches("offload_compute_batch_bytes_sum") > 0
 
     text = gateway_metrics(gateway)
-    assert sample(text, "offload_gateway_batch_calls_bucket", le="1.0") >= 6
-    assert sample(text, "offload_gateway_batch_calls_bucket", le="+Inf") == sample(text, "offload_gateway_batch_calls_count")
-    assert sample(text, "offload_gateway_batch_wait_seconds_bucket", le="+Inf") >= 6
-    assert sample(text, "offload_gateway_batch_wait_seconds_sum") >= 0
+    assert metric_sample(text, "offload_gateway_batch_calls_bucket", le="1.0") >= 6
+    assert metric_sample(text, "offload_gateway_batch_calls_bucket", le="+Inf") == metric_sample(text, "offload_gateway_batch_calls_count")
+    assert metric_sample(text, "offload_gateway_batch_wait_seconds_bucket", le="+Inf") >= 6
+    assert metric_sample(text, "offload_gateway_batch_wait_seconds_sum") >= 0
     # The gateway that does not batch observes no batch.
-    assert sample(gateway_metrics(stack.plain), "offload_gateway_batch_calls_count") == 0
+    assert metric_sample(gateway_metrics(stack.plain), "offload_gateway_batch_calls_count") == 0
     ctext = compute_metrics(compute)
     for name in ("offload_compute_batch_calls_bucket", "offload_compute_batch_bytes_bucket"):
-        assert sample(ctext, name, le="+Inf") > 0, name
+        assert metric_sample(ctext, name, le="+Inf") > 0, name
 
 
 # -- compute restarting mid-batch ----------------------------------------------------------------
-
-
-def _kill_orphans(processes: list[psutil.Process]) -> None:
-    # A SIGKILLed compute leaves its forkserver and pool workers behind: do not leak them.
-    for proc in processes:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=5)
 
 
 def test_compute_killed_mid_batch_then_restarted(compute_factory, gateway_factory):
@@ -425,7 +404,7 @@ def test_compute_killed_mid_batch_then_restarted(compute_factory, gateway_factor
         wait_until(lambda: compute_batches("offload_compute_batch_calls_count") >= 1, 10, 0.02, "the batch in compute")
         assert compute_batches("offload_compute_batch_calls_sum") == 3, "Block and both GETs in one Dispatch"
         compute.kill()
-        _kill_orphans(descendants)
+        kill_orphans(descendants)
     finally:
         sender.join(30)
     assert len(results) == 3
@@ -445,5 +424,5 @@ def test_compute_killed_mid_batch_then_restarted(compute_factory, gateway_factor
     gateway.wait_status("/readyz", 200, timeout=20)
     wait_until(lambda: fresh(gateway, "GET", "/v1/items/item-1").status_code == 200, 15, 0.1, "GETs answered again")
     assert fresh(gateway, "GET", "/v1/stats").status_code == 200
-    assert sample(compute_metrics(restarted), "offload_compute_batch_calls_count") >= 1, "batched again"
+    assert metric_sample(compute_metrics(restarted), "offload_compute_batch_calls_count") >= 1, "batched again"
     assert gateway.proc.poll() is None

@@ -8,7 +8,7 @@ import time
 import orjson
 import psutil
 
-from tests.conftest import wait_until
+from tests.conftest import kill_orphans, wait_until
 
 
 def _busy(client) -> int:
@@ -36,15 +36,6 @@ def test_client_disconnect_cancels_the_compute_work(compute, gateway_factory):
     assert "client disconnected; compute call cancelled" in gateway.log_text()
 
 
-def _kill_orphans(processes: list[psutil.Process]) -> None:
-    # SIGKILLed compute leaves its forkserver and pool workers behind (reported to compute's
-    # owner); the test must not leak them.
-    for proc in processes:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=5)
 
 
 def test_compute_killed_then_restarted(compute, compute_factory, gateway_factory):
@@ -53,7 +44,7 @@ def test_compute_killed_then_restarted(compute, compute_factory, gateway_factory
     with gateway.client() as client:
         assert client.get("/v1/items/item-1").status_code == 200
         compute.kill()
-        _kill_orphans(descendants)
+        kill_orphans(descendants)
         for path in ("/v1/items/item-1", "/v1/stats"):
             started = time.monotonic()
             response = client.get(path, headers={"X-Request-Timeout": "30"})
