@@ -31,7 +31,7 @@ class RestCall:
     send: Send
     headers: RequestHeaders
     ctx: RequestContext
-    compute: ComputeClient
+    compute: ComputeClient | None  # None until the lifespan has made it (the frontend answers 503)
 
     async def prepare(self, max_body: int) -> tuple[Any, float]:
         """The request message and the deadline (seconds), or ApiError 400/413/415."""
