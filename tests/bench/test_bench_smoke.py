@@ -134,3 +134,17 @@ def test_jobs_scenario(smoke_run) -> None:
     assert fairness["big_job_queries"] == 4 * jobs["queries"]
     assert set(fairness["big_job_states"]) <= {"SUCCEEDED", "CANCELLED"}  # cancelled if still running after the window
     assert fairness["idle_ms"]["n"] > 0 and fairness["idle_ms"]["p50"] <= fairness["idle_ms"]["p99"]
+
+
+def test_reply_shapes_probe_runs():
+    """The probe behind the README's unary-vs-streamed figures runs and reports every shape."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "bench.reply_shapes", "--calls", "50", "--reps", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for shape in ("unary reply", "server-streamed reply", "bidi stream"):
+        assert f"| {shape} |" in out.stdout
