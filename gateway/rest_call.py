@@ -16,7 +16,8 @@ from gateway.client import ComputeClient, TimeoutHeaderError
 from gateway.errors import ApiError
 from gateway.http import Receive, RequestHeaders, Send, check_json_content_type, read_body
 from gateway.json_codec import CodecError
-from gateway.transcoding import RequestError, Route
+from gateway.binder import RequestError
+from gateway.transcoding import Route
 from offload.context import RequestContext
 
 _MAX_QUERY_FIELDS = 1000

@@ -10,9 +10,11 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 
-from gateway import transcoding
+from gateway import binder
 from gateway.json_codec import Codec, CodecError, EncodeError
-from gateway.transcoding import RequestBinder, RequestError, RouteError, load_routes, parse_template
+from gateway.binder import RequestBinder, RequestError
+from gateway.path_template import RouteError, parse_template
+from gateway.transcoding import load_routes
 from offload.testing.v1 import testing_pb2
 from offload.v1 import compute_pb2, jobs_pb2, search_pb2
 
@@ -188,7 +190,7 @@ def test_query_keys_bind_alike_by_proto_and_json_name_without_resolving(routes, 
     def no_resolving(*args):
         raise AssertionError("resolve_field called while binding a request")
 
-    monkeypatch.setattr(transcoding, "resolve_field", no_resolving)
+    monkeypatch.setattr(binder, "resolve_field", no_resolving)
     checked = 0
     for route in routes.values():
         path_values = {name: "1" for name in route.path_fields}
