@@ -187,16 +187,6 @@ class Route:
 
     # -- per request ----------------------------------------------------------------------
 
-    def build_request(
-        self,
-        path_values: dict[str, str],
-        query: list[tuple[str, str]],
-        body: bytes | None,
-        extra: dict[str, str] | None = None,
-    ) -> Message:
-        """Same as `self.binder.bind(...)`, kept for existing callers."""
-        return self.binder.bind(path_values, query, body, extra)
-
     def location_for(self, response: Message) -> str | None:
         if not self.location:
             return None

@@ -98,7 +98,7 @@ def test_path_query_and_named_body(routes):
     echo = routes["Echo"]
     body = b'{"text": "hi", "tags": ["a", "b"], "counts": {"x": 1}, "when": "2024-01-02T03:04:05.25+01:00", "blob": "aGk"}'
     query = [("big", "9007199254740993"), ("color", "GREEN"), ("numbers", "1"), ("numbers", "-2"), ("flag", "true"), ("ratio", "0.5")]
-    msg = echo.build_request({"name": "a/b"}, query, body)
+    msg = echo.binder.bind({"name": "a/b"}, query, body)
     assert msg.name == "a/b"
     assert msg.big == 9007199254740993  # beyond float precision: int64 arrives intact
     assert msg.color == testing_pb2.GREEN
@@ -110,17 +110,17 @@ def test_path_query_and_named_body(routes):
 
 
 def test_query_accepts_json_names_and_enum_numbers(routes):
-    msg = routes["ListJobs"].build_request({}, [("pageSize", "5"), ("state", "2")], None)
+    msg = routes["ListJobs"].binder.bind({}, [("pageSize", "5"), ("state", "2")], None)
     assert msg.page_size == 5 and msg.state == jobs_pb2.RUNNING
 
 
 def test_path_wins_over_body(routes):
-    msg = routes["CancelJob"].build_request({"id": "from-path"}, [], b'{"id": "from-body"}')
+    msg = routes["CancelJob"].binder.bind({"id": "from-path"}, [], b'{"id": "from-body"}')
     assert msg.id == "from-path"
 
 
 def test_empty_body_is_an_empty_message(routes):
-    assert routes["Search"].build_request({}, [], b"") == search_pb2.SearchRequest()
+    assert routes["Search"].binder.bind({}, [], b"") == search_pb2.SearchRequest()
 
 
 @pytest.mark.parametrize(
@@ -155,17 +155,17 @@ def test_empty_body_is_an_empty_message(routes):
 )
 def test_malformed_requests_name_the_problem(routes, route, query, body, fragment):
     with pytest.raises((RequestError, CodecError)) as info:
-        routes[route].build_request({name: "x" for name in routes[route].path_fields}, query, body)
+        routes[route].binder.bind({name: "x" for name in routes[route].path_fields}, query, body)
     assert fragment in str(info.value)
 
 
 def test_path_variable_with_wrong_type_is_rejected(routes):
     with pytest.raises(CodecError, match="'count': expected an integer"):
-        routes["Ticks"].build_request({"count": "many"}, [], None)
+        routes["Ticks"].binder.bind({"count": "many"}, [], None)
 
 
 def test_resume_field_from_extra(routes):
-    msg = routes["Ticks"].build_request({"count": "5"}, [("after_index", "1")], None, {"after_index": "3"})
+    msg = routes["Ticks"].binder.bind({"count": "5"}, [("after_index", "1")], None, {"after_index": "3"})
     assert msg.count == 5 and msg.after_index == 3
 
 
