@@ -112,3 +112,19 @@ def test_check_raising_stops_the_scan(search):
     calls.clear()
     top_k(vectors, ids, unit(rng, 8), 5, chunk_rows=100, check=lambda: calls.append(1))
     assert len(calls) == 10  # once per chunk
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_k_batch_equals_brute_force_through_thresholds_and_pruning(seed):
+    """Long enough scans that the running thresholds rise and candidate sets are pruned
+    (more than 1,024 per query), with many exact ties (duplicated rows) at every rank."""
+    rng = np.random.default_rng(200 + seed)
+    rows, dim = 6000, 8
+    vectors, ids = random_table(rng, rows, dim, duplicates=rows // 3)
+    vectors[: rows // 10] = vectors[rows // 10 : 2 * (rows // 10)]  # a block of twins: ties galore
+    vectors[2000:4000] = vectors[4000]  # 2,001 rows tied at the top for the last query
+    queries = np.stack([unit(rng, dim) for _ in range(3)] + [vectors[5], vectors[4000]])
+    for k in (1, 3, 50):
+        batch = top_k_batch(vectors, ids, queries, k, chunk_rows=64)
+        for query, got in zip(queries, batch):
+            assert_same(got, reference(vectors, ids, query, k))
