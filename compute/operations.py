@@ -6,13 +6,17 @@ Each is one function, marked @light (answered on the event loop: microseconds) o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from compute.errors import InvalidArgument, NotFound
 from compute.registry import heavy, light
-from compute.runtime import Runtime
 from compute.search import top_k
 from compute.table import MAX_ID_BYTES, normalised_query
-from compute.worker import TaskContext
 from offload.v1 import compute_pb2, search_pb2
+
+if TYPE_CHECKING:  # pool workers import this module: keep settings, metrics and grpc out of them
+    from compute.runtime import Runtime
+    from compute.worker import TaskContext
 
 SERVICE = "offload.v1.ComputeService"
 

@@ -108,3 +108,16 @@ def test_pool_workers_never_import_grpc(compute):
     for pid in compute.worker_pids():
         maps = open(f"/proc/{pid}/maps").read()
         assert "cygrpc" not in maps, f"worker {pid} has grpc loaded"
+
+
+@pytest.mark.parametrize("module", ["compute.operations", "compute.jobs.batch_search", "tests.operations_testing"])
+def test_modules_of_heavy_operations_stay_light(module):
+    """Pool workers import the modules of heavy operations (to unpickle the function): those
+    must not bring grpc, settings or metrics into a worker."""
+    code = (
+        f"import sys, {module}; "
+        "print(sorted(m for m in ('grpc', 'pydantic_settings', 'prometheus_client') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"{module} imports {result.stdout.strip()}"
