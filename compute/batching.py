@@ -26,16 +26,16 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2
 
 from compute.calls import BoundOperation, CallPath
-from compute.errors import Cancelled, ComputeError, DeadlineExceeded, Internal, ResourceExhausted
+from compute.errors import Cancelled, ComputeError, DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
 from compute.metrics import BatchMetrics
 from compute.servicer import retry_after_seconds
 from offload import context
+from offload.batcher import RESPONSE_TOO_LARGE_FOR_BATCH  # the ErrorInfo reason the client resends on
 from offload.v1 import batching_pb2
 
 log = logging.getLogger("compute.batching")
 
 BATCHING_SERVICE = "offload.v1.CallBatching"
-RESPONSE_TOO_LARGE_FOR_BATCH = "RESPONSE_TOO_LARGE_FOR_BATCH"  # the ErrorInfo reason offload.client resends on
 # Bytes kept per result for its framing and, should it fail, its status (a message, RetryInfo, ErrorInfo).
 _RESULT_RESERVE = 256
 _CODE_VALUES = dict(code_pb2.Code.items())
@@ -112,8 +112,7 @@ class BatchingServicer:
                 try:
                     message = bound.request_cls.FromString(item.request)
                 except DecodeError:
-                    results[index].status.code = code_pb2.INVALID_ARGUMENT
-                    results[index].status.message = "the request is not a valid message of this method"
+                    _fail(results[index], InvalidArgument("the request is not a valid message of this method"))
                     continue
                 ctx = context.from_headers(item.request_id, item.traceparent, item.tracestate)
                 deadline = now + item.timeout.ToNanoseconds() / 1e9 if item.HasField("timeout") else None

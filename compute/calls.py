@@ -1,7 +1,8 @@
 """The one path every call takes, whichever transport brought it (a unary RPC or a batch item).
 
-`CallPath.bind_all()` resolves each registered operation against the proto descriptors once at
-start-up (`BoundOperation`: request/response classes, metric children, how it runs). Then per
+`CallPath(operations, metrics)` resolves each registered operation against the proto
+descriptors once at start-up (`bind()` -> `BoundOperation`: request/response classes, metric
+children, whether it runs inline). Then per
 call: the readiness gate, the request context bound for log lines, the in-flight registry the
 heartbeat reports from, cheap validation on the loop, admission into the pool (heavy), the
 deadline, and the per-method metrics. It raises `ComputeError` (domain errors, and `Internal`
