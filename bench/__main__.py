@@ -1,7 +1,8 @@
 """`python -m bench [--quick | --smoke] [--out DIR]`: offload vs the naive designs, one run.
 
 Order (one design up at a time, never more RAM than needed): calibration in-process, offload,
-naive-inline, naive-executor, a FastAPI hello-world, then the memory sweep. Everything started
+offload with the pool's batching off, naive-inline, naive-executor, a FastAPI hello-world,
+then the memory sweep. Everything started
 here is stopped here, by pid and process group, even on errors or Ctrl-C.
 """
 
@@ -32,12 +33,12 @@ def profiles() -> dict[str, Profile]:
         "smoke": Profile(
             name="smoke", load_table=Table(20_000, 32), reps=1, warmup=0.2, duration=0.6, drain=0.5, timeout=3.0,
             concurrency=[1], concurrency_duration=0.6, inproc_queries=10, start_timeout=60.0,
-            jobs_queries=64, jobs_fairness_seconds=0.5,
+            jobs_queries=64, jobs_fairness_seconds=0.5, search_clients=4,
             hop_levels=[1, 4], hop_warmup=0.1, hop_duration=0.4, open_rate=200.0,
         ),
         "quick": Profile(
             name="quick", load_table=Table(524_288, 128), reps=2, warmup=0.3, duration=1.2, drain=1.5, timeout=5.0,
-            concurrency=[1, 2, 8], concurrency_duration=1.0, inproc_queries=20,
+            concurrency=[1, 2, 8, 16], concurrency_duration=1.0, inproc_queries=20,
             memory_table=Table(524_288, 128),
             memory_sweep=[("offload", 4, 2), ("naive-inline", 4, 0)],
             jobs_queries=512, jobs_fairness_seconds=1.5,
@@ -90,6 +91,9 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
     table = profile.load_table
     plans = [
         ("offload", lambda: designs.offload(table, profile.workers, profile.pool_size, logdir)),
+        ("offload-batching-off", lambda: designs.offload(
+            table, profile.workers, profile.pool_size, logdir, compute_env={"OFFLOAD_COMPUTE_POOL_MAX_BATCH": "1"},
+            variant="batching off")),
         ("naive-inline", lambda: designs.naive("inline", table, profile.workers, 0, logdir)),
         ("naive-executor", lambda: designs.naive("executor", table, profile.workers, profile.executor_pool, logdir)),
         ("fastapi-hello", lambda: designs.hello(profile.workers, logdir)),
@@ -106,11 +110,17 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
             if name == "fastapi-hello":
                 scenarios.hop(bench, dep, "hello")
                 continue
+            if name == "offload-batching-off":
+                # The same offload with the pool's dynamic batching off: the before/after of issue 11.
+                scenarios.search_concurrency(bench, dep, grpc=True, levels=[1, profile.search_clients])
+                scenarios.light_during_searches(bench, dep)
+                continue
             if name == "offload":
                 scenarios.hop(bench, dep, "forwarded")
                 scenarios.hop(bench, dep, "direct-plain")
                 scenarios.hop(bench, dep, "direct-batched")
                 scenarios.search_concurrency(bench, dep, grpc=True)
+                scenarios.light_during_searches(bench, dep)
             elif name == "naive-inline":
                 scenarios.hop(bench, dep, "inline")
             scenarios.search_concurrency(bench, dep)

@@ -47,11 +47,12 @@ class Deployment:
     shm_dir: Path | None = None
     workdir: Path | None = None
     startup_seconds: dict[str, float] = field(default_factory=dict)
+    variant: str = ""  # a non-default configuration of the design, e.g. "batching off"
 
     @property
     def label(self) -> str:
         if self.design == "offload":
-            return f"offload (gateway {self.workers}w, pool {self.pool_size})"
+            return f"offload (gateway {self.workers}w, pool {self.pool_size}{', ' + self.variant if self.variant else ''})"
         if self.design == "naive-executor":
             return f"naive-executor ({self.workers}w x pool {self.pool_size})"
         return f"{self.design} ({self.workers}w)"
@@ -91,8 +92,18 @@ def _shm_root() -> str | None:
     return "/dev/shm" if Path("/dev/shm").is_dir() else None
 
 
-def offload(table: Table, workers: int, pool_size: int, logdir: Path, *, compute: Service | None = None) -> Deployment:
-    """compute + gateway. Pass `compute` (already running) to reuse it with another gateway."""
+def offload(
+    table: Table,
+    workers: int,
+    pool_size: int,
+    logdir: Path,
+    *,
+    compute: Service | None = None,
+    compute_env: dict[str, str] | None = None,
+    variant: str = "",
+) -> Deployment:
+    """compute + gateway. Pass `compute` (already running) to reuse it with another gateway;
+    `compute_env` adds OFFLOAD_COMPUTE_* settings (a `variant` of the standard configuration)."""
     workdir = shm_dir = None
     services = []
     if compute is None:
@@ -113,9 +124,10 @@ def offload(table: Table, workers: int, pool_size: int, logdir: Path, *, compute
                     "OFFLOAD_COMPUTE_SHM_DIR": str(shm_dir),
                     "OFFLOAD_COMPUTE_LOG_LEVEL": "WARNING",
                     "OFFLOAD_COMPUTE_JOBS_DB_PATH": str(workdir / "jobs.sqlite3"),  # never the repo's var/
+                    **(compute_env or {}),
                 }
             ),
-            log_path=logdir / f"compute-p{pool_size}-{table.rows}.log",
+            log_path=logdir / f"compute-p{pool_size}-{table.rows}{'-' + variant.replace(' ', '-') if variant else ''}.log",
             grpc_ready=f"unix:{socket_path}",
         )
         services.append(compute)
@@ -149,6 +161,7 @@ def offload(table: Table, workers: int, pool_size: int, logdir: Path, *, compute
         grpc_target=target,
         shm_dir=shm_dir,
         workdir=workdir,
+        variant=variant,
     )
 
 

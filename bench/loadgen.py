@@ -7,7 +7,8 @@ Modes:
   server queue is counted (no coordinated omission). Up to `connections` sockets are opened.
 
 Request classes are mixed by weight (e.g. 95% GetItem with random ids, 5% Search with random
-vectors); requests are pre-built bytes (HTTP/1.1 keep-alive over raw asyncio streams) so the
+vectors), or, closed loop, each class gets its own `connections` clients (e.g. 16 Search
+clients saturating the pool while 1 GetItem client measures light latency); requests are pre-built bytes (HTTP/1.1 keep-alive over raw asyncio streams) so the
 generator spends little CPU per request. `protocol: grpc` drives compute directly with
 grpc.aio, one plain unary RPC per call; `protocol: grpc-batched` drives it through
 `offload.client.ComputeChannel`, which sends the calls compute answers on its loop (GetItem)
@@ -360,6 +361,8 @@ class Run:
         self.rng = random.Random(config.get("seed", 1))
         nprng = np.random.default_rng(config.get("seed", 1))
         self.classes = [RequestClass(c["name"], c["kind"], float(c.get("weight", 1.0))) for c in config["classes"]]
+        # Closed loop, optional: a fixed number of clients per class instead of a weighted mix.
+        self.class_clients = [int(c.get("connections", 0)) for c in config["classes"]]
         build = build_grpc_payloads if config.get("protocol") in TRANSPORTS else build_http_payloads
         for cls in self.classes:
             build(cls, config, nprng)
@@ -407,12 +410,12 @@ class Run:
         else:
             cls.other.append(latency)
 
-    async def closed_client(self) -> None:
+    async def closed_client(self, cls: RequestClass | None = None) -> None:
         while True:
             now = time.perf_counter()
             if now >= self.window_end:
                 return
-            await self.one(self.pick(), now)
+            await self.one(cls or self.pick(), now)
 
     async def open_scheduler(self, start: float) -> None:
         interval = 1.0 / float(self.config["rate"])
@@ -433,7 +436,7 @@ class Run:
 
     async def main(self) -> dict:
         config = self.config
-        connections = int(config.get("connections", 10))
+        connections = sum(self.class_clients) or int(config.get("connections", 10))
         protocol = config.get("protocol", "http")
         if protocol in TRANSPORTS:
             self.transport = TRANSPORTS[protocol](config["grpc_target"], self.timeout)
@@ -456,7 +459,13 @@ class Run:
 
         loop.call_at(loop.time() + warmup, mark, "start")
         loop.call_at(loop.time() + warmup + duration, mark, "end")
-        if config["mode"] == "closed":
+        if config["mode"] == "closed" and any(self.class_clients):
+            workers = [
+                asyncio.ensure_future(self.closed_client(cls))
+                for cls, clients in zip(self.classes, self.class_clients)
+                for _ in range(clients)
+            ]
+        elif config["mode"] == "closed":
             workers = [asyncio.ensure_future(self.closed_client()) for _ in range(connections)]
         else:
             workers = [asyncio.ensure_future(self.open_scheduler(start))]

@@ -210,11 +210,58 @@ def hop_targets(results: dict) -> list[dict]:
 
 
 def targets(results: dict) -> list[dict]:
-    """Issue 5's targets then the hop's, each {section, target, value, met (None: not measured)}."""
+    """Issue 5's targets, the hop's, then Search batching's; each {section, target, value, met (None: not measured)}."""
     out = issue5_targets(results)
     for t in out:
         t.setdefault("section", "issue 5")
-    return out + hop_targets(results)
+    return out + hop_targets(results) + search_targets(results)
+
+
+def _search_summary(results: dict, key: str, level: int | str) -> dict | None:
+    entry = results.get("search_concurrency", {}).get(key, {}).get("levels", {}).get(str(level), {})
+    return (entry.get("summary") or {}).get("heavy")
+
+
+def search_targets(results: dict) -> list[dict]:
+    """Issue 11: Search at the machine's limit, measured against that limit in the same run."""
+    cal, prof = results.get("calibration", {}), results.get("profile", {})
+    limit = (cal.get("search_limit") or {}).get("queries_per_s")
+    clients = prof.get("search_clients", 16)
+    out = []
+
+    def row(target: str, value: str, met: bool | None) -> None:
+        out.append({"section": "Search batching", "target": target, "value": value, "met": met})
+
+    qps = med(_search_summary(results, "offload (direct gRPC)", clients), "throughput")
+    off = med(_search_summary(results, "offload, batching off (direct gRPC)", clients), "throughput")
+    r = ratio(qps, limit)
+    row(f"Search/s at concurrency {clients} (direct gRPC) >= 70% of the limit",
+        f"{fmt(100 * r if r else None, 0)}% ({fmt(qps, 0)} vs limit {fmt(limit, 0)} queries/s; batching off: {fmt(off, 0)})",
+        _status(r, r is not None and r >= 0.7))
+    jobs = results.get("jobs", {})
+    job_qps = med(jobs.get("summary"), "job_qps") if jobs.get("summary") else None
+    r = ratio(job_qps, limit)
+    row("Batch-job queries/s >= 70% of the limit", f"{fmt(100 * r if r else None, 0)}% ({fmt(job_qps, 0)} queries/s)",
+        _status(r, r is not None and r >= 0.7))
+    inproc = cal.get("inproc_search_ms", {}).get("p50")
+    rest = med(_search_summary(results, "offload", 1), "latency_ms.p50")
+    grpc = med(_search_summary(results, "offload (direct gRPC)", 1), "latency_ms.p50")
+    r_rest, r_grpc = ratio(rest, inproc), ratio(grpc, inproc)
+    row("Single Search p50 <= 1.1x in-process numpy (REST and direct gRPC)",
+        f"REST {fmt(r_rest, 2)}x ({fmt(rest, 2)} ms), gRPC {fmt(r_grpc, 2)}x ({fmt(grpc, 2)} ms), in-process {fmt(inproc, 2)} ms",
+        _status(r_rest and r_grpc, r_rest is not None and r_grpc is not None and max(r_rest, r_grpc) <= 1.1))
+    light = results.get("light_during_searches", {})
+    on = med(((light.get("offload") or {}).get("searches") or {}).get("summary", {}).get("light"), "latency_ms.p99")
+    off_p99 = med(((light.get("offload, batching off") or {}).get("searches") or {}).get("summary", {}).get("light"), "latency_ms.p99")
+    r = ratio(on, off_p99)
+    row(f"Light latency does not regress with the pool saturated by batched Searches (GetItem p99 during {clients} Search "
+        "clients, batching on / off; <= 1.1x allows for noise)",
+        f"{fmt(r, 2)}x ({fmt(on, 2)} vs {fmt(off_p99, 2)} ms)", _status(r, r is not None and r <= 1.1))
+    fairness = jobs.get("fairness") or {}
+    p99 = fairness.get("p99_ratio")
+    row("Interactive Search p99 while a big job runs <= 1.2x its value with no job",
+        f"{fmt(p99, 2)}x", _status(p99, p99 is not None and p99 <= 1.2))
+    return out
 
 
 def issue5_targets(results: dict) -> list[dict]:
@@ -437,6 +484,27 @@ def _ratio_line(data: dict, cls: str, path: str, what: str) -> str:
     return f"{what}: " + ", ".join(parts) if parts else ""
 
 
+def _light_during_section(data: dict) -> list[str]:
+    if not data:
+        return []
+    clients = next(iter(data.values()))["search_clients"]
+    L = ["## Light calls while Searches saturate the pool", ""]
+    L.append(f"Through the gateway, closed loop: 1 GetItem client alone, then the same with {clients} Search clients. "
+             "Batching off = the same offload with OFFLOAD_COMPUTE_POOL_MAX_BATCH=1.")
+    L.append("")
+    L.append("| design | load | GetItem p50 ms | GetItem p99 ms | GetItem/s | Search/s |")
+    L.append("|---|---|---|---|---|---|")
+    for key, entry in data.items():
+        for load in ("alone", "searches"):
+            summary = entry[load]["summary"]
+            heavy = summary.get("heavy")
+            L.append(f"| {entry['label']} | {load} | {fmt_spread(summary['light'], 'latency_ms.p50', 2)} | "
+                     f"{fmt_spread(summary['light'], 'latency_ms.p99', 2)} | {fmt_spread(summary['light'], 'throughput', 0)} | "
+                     f"{fmt_spread(heavy, 'throughput', 0) if heavy else '-'} |")
+    L.append("")
+    return L
+
+
 def _jobs_section(jobs: dict) -> list[str]:
     L = ["## Jobs", ""]
     if "skipped" in jobs or not jobs.get("reps"):
@@ -461,7 +529,8 @@ def _jobs_section(jobs: dict) -> list[str]:
     L.append("")
     r, p99 = med(s, "ratio"), f.get("p99_ratio")
     L.append(f"A batch job reaches {fmt(r, 2)}x the query throughput of direct Search calls at pool-size concurrency "
-             "(a job scans the table once per chunk of queries, but runs one chunk at a time, i.e. on one pool worker). "
+             "(a job scans the table once per chunk of queries, with one chunk per pool worker while no interactive "
+             "call arrives). "
              f"While the big job ran, interactive Search p99 was {fmt(p99, 2)}x its value with no job"
              + (" (few samples: the job finished quickly)." if busy["n"] < 20 else ".")
              + (" The big job was still running when the window ended and was cancelled."
@@ -534,7 +603,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
     L.append("All figures come from this one run on this machine; compare designs by the ratios, not the absolute times. "
              "Cells show median [min–max] over repetitions.")
     L.append("")
-    for section in ("issue 5", "the hop"):
+    for section in ("issue 5", "the hop", "Search batching"):
         rows = [t for t in results.get("targets", []) if t.get("section", "issue 5") == section]
         if not rows:
             continue
@@ -599,6 +668,21 @@ def markdown(results: dict, chart_files: list[str]) -> str:
                  f"{fmt(cal.get('inproc_scan_gb_per_s'), 2)} GB/s scanned, vs measured memory read bandwidth "
                  f"{fmt(cal.get('memory_read_gb_per_s', {}).get('median'), 2)} GB/s.")
         L.append("")
+        limit = cal.get("search_limit")
+        if limit:
+            L.append(f"The limit: a matrix product of the table against a {limit['block']}-query block, 1 BLAS thread, "
+                     f"{limit['processes']} processes at once (one per pool worker): **{fmt(limit['queries_per_s'], 0)} "
+                     f"queries/s** ({', '.join(fmt(r, 0) for r in limit['per_process'])} per process).")
+            L.append("")
+        rates = cal.get("kernel_rates")
+        if rates:
+            L.append("The kernel against the bare product, one process, per block of queries (queries/s):")
+            L.append("")
+            L.append("| block | matrix product | top_k_batch | fraction |")
+            L.append("|---|---|---|---|")
+            for block, r in rates.items():
+                L.append(f"| {block} | {fmt(r['matmul_qps'], 0)} | {fmt(r['top_k_batch_qps'], 0)} | {fmt(100 * r['fraction'], 0)}% |")
+            L.append("")
         L.append("| design | concurrency | Search/s | p50 ms | p99 ms | 429 | p50 / in-process | scan GB/s (p50) |")
         L.append("|---|---|---|---|---|---|---|---|")
         for name, entry in conc.items():
@@ -633,6 +717,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
             for p in std["per_process"]:
                 L.append(f"| {p['group']} | {p['role']} | {p['pid']} | {p['pss'] / MIB:.1f} | {p['uss'] / MIB:.1f} | {p['rss'] / MIB:.1f} |")
             L.append("")
+    L.extend(_light_during_section(results.get("light_during_searches", {})))
     L.extend(_jobs_section(results.get("jobs", {})))
     if chart_files:
         L.append("## Charts")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import designs, memory
+from bench import designs, kernel, memory
 from bench.designs import Deployment, Table
 from bench.procs import ROOT, base_env
 from bench.runner import HEAVY, LIGHT, repeat, spread, summarise_classes
@@ -43,6 +43,7 @@ class Profile:
     open_rate: float | None = None
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     concurrency_duration: float = 1.5
+    search_clients: int = 16  # the concurrency of issue 11's throughput target (and of the light-latency check)
     inproc_queries: int = 30
     memory_table: Table | None = None
     memory_sweep: list[tuple[str, int, int]] = field(default_factory=list)  # (design, workers, pool)
@@ -77,7 +78,8 @@ class Bench:
 
 
 def calibrate(bench: Bench) -> dict:
-    """In-process numpy Search on the same table (the 1.0x reference) and memory bandwidth."""
+    """In-process numpy Search on the same table (the 1.0x reference), the machine's Search
+    limit (bench/kernel.py) and the kernel's rate per block size, and memory bandwidth."""
     from compute.search import top_k
     from compute.table import normalised_query, synthetic_arrays
 
@@ -91,6 +93,8 @@ def calibrate(bench: Bench) -> dict:
         started = time.perf_counter()
         top_k(vectors, ids, normalised_query(query, table.dim), 10)
         times.append(time.perf_counter() - started)
+    search_limit = kernel.limit(vectors, bench.profile.pool_size)
+    kernel_rates = kernel.kernel_rates(vectors, ids)
     del vectors, ids
     gc.collect()
     latency = np.asarray(times) * 1000
@@ -113,6 +117,8 @@ def calibrate(bench: Bench) -> dict:
         "queries": len(times),
         "inproc_search_ms": {"p50": p50, "p99": float(np.percentile(latency, 99)), "min": float(latency.min())},
         "inproc_scan_gb_per_s": table.vector_bytes / (p50 / 1000) / 1e9,
+        "search_limit": search_limit,
+        "kernel_rates": kernel_rates,
         "memory_read_gb_per_s": spread(read),
         "memory_copy_gb_per_s": spread(copy),
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
@@ -197,10 +203,10 @@ def hop(bench: Bench, dep: Deployment, role: str) -> None:
     }
 
 
-def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False) -> None:
+def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False, levels: list[int] | None = None) -> None:
     p = bench.profile
-    key = dep.design + (" (direct gRPC)" if grpc else "")
-    levels = [1] if grpc else p.concurrency
+    key = dep.design + (f", {dep.variant}" if dep.variant else "") + (" (direct gRPC)" if grpc else "")
+    levels = levels or sorted(set(p.concurrency) | ({p.search_clients} if grpc else set()))
     out = {}
     for level in levels:
         bench.log(f"  search: {key}, concurrency {level}")
@@ -210,6 +216,22 @@ def search_concurrency(bench: Bench, dep: Deployment, grpc: bool = False) -> Non
         reps = repeat(dep, config, p.reps if level == 1 else 1, protocol="grpc" if grpc else "http")
         out[str(level)] = {"reps": reps, "summary": summarise_classes(reps)}
     bench.results.setdefault("search_concurrency", {})[key] = {"label": dep.label, "levels": out}
+
+
+def light_during_searches(bench: Bench, dep: Deployment) -> None:
+    """GetItem latency through the gateway (1 client, closed loop) alone, then while
+    `search_clients` Search clients keep the pool saturated."""
+    p = bench.profile
+    key = dep.design + (f", {dep.variant}" if dep.variant else "")
+    light = {"name": "light", "kind": "get_item", "connections": 1}
+    heavy = {"name": "heavy", "kind": "search", "connections": p.search_clients}
+    out = {}
+    for name, classes in (("alone", [light]), ("searches", [light, heavy])):
+        bench.log(f"  light latency: {key}, {name}")
+        config = bench.base(mode="closed", duration=p.concurrency_duration, classes=classes)
+        reps = repeat(dep, config, p.reps)
+        out[name] = {"reps": reps, "summary": summarise_classes(reps)}
+    bench.results.setdefault("light_during_searches", {})[key] = {"label": dep.label, "search_clients": p.search_clients, **out}
 
 
 def jobs_reps(p: Profile) -> int:
@@ -342,8 +364,12 @@ def plan(p: Profile) -> dict:
 
     designs_with_http = 3  # offload, naive-inline, naive-executor
     add("hop", len(HOP_ROWS) * len(p.hop_levels) * p.reps, p.hop_warmup, p.hop_duration, p.hop_drain)
-    search_runs = p.reps + designs_with_http * sum(p.reps if level == 1 else 1 for level in p.concurrency)  # + offload gRPC c=1
+    per_design = sum(p.reps if level == 1 else 1 for level in p.concurrency)
+    grpc_levels = set(p.concurrency) | {p.search_clients}
+    # REST for the three designs, direct gRPC for offload, and offload with batching off at c=1 and search_clients.
+    search_runs = designs_with_http * per_design + sum(p.reps if level == 1 else 1 for level in grpc_levels) + p.reps + 1
     add("search_concurrency", search_runs, p.warmup, p.concurrency_duration, p.drain)
+    add("light_during_searches", 2 * 2 * p.reps, p.warmup, p.concurrency_duration, p.drain)  # 2 offload variants x alone/loaded
     add("mixed_closed", designs_with_http * p.reps, p.warmup, p.duration, p.drain)
     add("mixed_open", designs_with_http * p.reps, p.warmup, p.duration, p.drain)
     add("overload", designs_with_http * max(1, p.reps - 1), p.warmup, p.duration, p.drain)

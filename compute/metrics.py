@@ -38,6 +38,39 @@ class BatchMetrics:
         )
 
 
+class PoolMetrics:
+    """Of the pool's dynamic batching, per heavy operation (compute.pool.DispatchObserver)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._size = Histogram(
+            "offload_compute_pool_batch_size",
+            "Calls per pool task (1: the call ran alone)",
+            ["method"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._wait = Histogram(
+            "offload_compute_pool_queue_wait_seconds",
+            "How long a heavy call waited for a worker",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._calls = Counter(
+            "offload_compute_pool_calls",
+            "Heavy calls handed to a worker; batched=true: in a batch of two or more",
+            ["method", "batched"],
+            registry=registry,
+        )
+
+    def dispatched(self, operation: str, size: int, queue_waits: list[float]) -> None:
+        self._size.labels(operation).observe(size)
+        wait = self._wait.labels(operation)
+        for seconds in queue_waits:
+            wait.observe(seconds)
+        self._calls.labels(operation, "true" if size > 1 else "false").inc(size)
+
+
 class PoolCollector(Collector):
     """Reads pool and table figures at scrape time (no bookkeeping on the hot path)."""
 

@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING
 
 from compute.errors import InvalidArgument, NotFound
 from compute.registry import heavy, light
-from compute.search import top_k
-from compute.table import MAX_ID_BYTES, normalised_query
+import numpy as np
+
+from compute.search import top_k, top_k_batch
+from compute.table import MAX_ID_BYTES, EmbeddingTable, normalised_query
 from offload.v1 import compute_pb2, search_pb2
 
 if TYPE_CHECKING:  # pool workers import this module: keep settings, metrics and grpc out of them
     from compute.runtime import Runtime
-    from compute.worker import TaskContext
+    from compute.worker import BatchTask, TaskContext
 
 SERVICE = "offload.v1.ComputeService"
 
@@ -40,14 +42,26 @@ def validate_search(request: search_pb2.SearchRequest, runtime: Runtime) -> None
     normalised_query(request.vector, runtime.table.dim)
 
 
-@heavy(f"{SERVICE}.Search", validate=validate_search)
+def search_together(requests: list[search_pb2.SearchRequest], task: BatchTask) -> list[search_pb2.SearchResponse | None]:
+    """Search's batch function: one scan of the table for every waiting Search, each with its
+    own k; a member that leaves (cancelled, deadline) drops out of the scan at the next chunk."""
+    table = task.table
+    queries = np.stack([normalised_query(request.vector, table.dim) for request in requests])
+    found = top_k_batch(
+        table.vectors, table.ids, queries, [request.k for request in requests], chunk_rows=task.chunk_rows, check=task.check
+    )
+    return [None if hits is None else _search_response(table, hits) for hits in found]
+
+
+@heavy(f"{SERVICE}.Search", validate=validate_search, batch=search_together)
 def search(request: search_pb2.SearchRequest, task: TaskContext) -> search_pb2.SearchResponse:
     table = task.table
     query = normalised_query(request.vector, table.dim)
-    hits = top_k(table.vectors, table.ids, query, request.k, chunk_rows=task.chunk_rows, check=task.check)
-    return search_pb2.SearchResponse(
-        hits=[search_pb2.SearchHit(id=table.id_at(row), score=score) for row, score in hits]
-    )
+    return _search_response(table, top_k(table.vectors, table.ids, query, request.k, chunk_rows=task.chunk_rows, check=task.check))
+
+
+def _search_response(table: EmbeddingTable, hits: list[tuple[int, float]]) -> search_pb2.SearchResponse:
+    return search_pb2.SearchResponse(hits=[search_pb2.SearchHit(id=table.id_at(row), score=score) for row, score in hits])
 
 
 @light(f"{SERVICE}.GetStats")
@@ -64,6 +78,18 @@ def get_stats(request: compute_pb2.GetStatsRequest, runtime: Runtime) -> compute
             max_inflight=pool.max_inflight,
             rebuilds=pool.rebuilds,
             healthy=pool.healthy,
+            max_batch=pool.max_batch,
+            operations=[
+                compute_pb2.OperationPoolStats(
+                    method=name,
+                    calls=op.calls,
+                    batched_calls=op.batched_calls,
+                    batches=op.batches,
+                    largest_batch=op.largest_batch,
+                    queue_wait_seconds=op.queue_wait_seconds,
+                )
+                for name, op in sorted(pool.operations.items())
+            ],
         ),
         loop=compute_pb2.LoopStats(
             last_lag_seconds=loop.last_lag_seconds,

@@ -3,8 +3,13 @@
     @light("offload.v1.ComputeService.GetItem")
     def get_item(request, runtime): ...          # runs on the event loop: must be fast
 
-    @heavy("offload.v1.ComputeService.Search", validate=check_search)
+    @heavy("offload.v1.ComputeService.Search", validate=check_search, batch=search_together)
     def search(request, task): ...               # runs in a pool worker with the shared table
+
+`batch` (optional) opts a heavy operation into dynamic batching: calls of it that wait for
+a worker are run together, as `search_together([request, ...], batch_task)`, which returns
+one response per request (see compute/worker.py `BatchTask` for each member's own deadline
+and cancellation). A call that finds a worker free runs alone, through the function itself.
 
 The decorators only tag the function; `collect()` gathers the tagged functions of the
 modules listed in settings. The servicer derives everything else (request/response types,
@@ -35,6 +40,8 @@ class Operation:
     kind: Kind
     # Heavy only: runs on the loop before admission, raises InvalidArgument (cheap checks).
     validate: Callable[[Any, Any], None] | None = None
+    # Heavy only: runs several waiting calls at once (dynamic batching); module-level too.
+    batch: Callable[[list[Any], Any], list[Any]] | None = None
 
 
 def light(method: str) -> Callable[[Callable], Callable]:
@@ -45,9 +52,17 @@ def light(method: str) -> Callable[[Callable], Callable]:
     return mark
 
 
-def heavy(method: str, *, validate: Callable[[Any, Any], None] | None = None) -> Callable[[Callable], Callable]:
+def heavy(
+    method: str,
+    *,
+    validate: Callable[[Any, Any], None] | None = None,
+    batch: Callable[[list[Any], Any], list[Any]] | None = None,
+) -> Callable[[Callable], Callable]:
+    if batch is not None and "<locals>" in batch.__qualname__:
+        raise ValueError(f"{method}: the batch function must be defined at module level (workers import it by name)")
+
     def mark(fn: Callable) -> Callable:
-        setattr(fn, _TAG, Operation(method, fn, Kind.HEAVY, validate))
+        setattr(fn, _TAG, Operation(method, fn, Kind.HEAVY, validate, batch))
         return fn
 
     return mark

@@ -14,7 +14,7 @@ ranked by a score that depends on the row's values alone.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -54,33 +54,30 @@ def top_k(
     chunk_rows: int = 32768,
     check: Callable[[], None] = lambda: None,
 ) -> list[tuple[int, float]]:
-    """Rows and scores of the k best matches of a unit `query`.
+    """Rows and scores of the k best matches of a unit `query` (the batch kernel, for one).
 
     `check` is called between chunks; it raises to stop the scan (cancel, deadline).
     """
-    slack = _slack(vectors.shape[1])
-    best_scores = np.empty(0, dtype=np.float32)
-    best_rows = np.empty(0, dtype=np.int64)
-    for start in range(0, vectors.shape[0], chunk_rows):
-        check()
-        scores = vectors[start : start + chunk_rows] @ query
-        chunk_scores, chunk_rows_idx = _keep_best(scores, np.arange(start, start + scores.shape[0]), k, slack)
-        best_scores, best_rows = _keep_best(
-            np.concatenate((best_scores, chunk_scores)), np.concatenate((best_rows, chunk_rows_idx)), k, slack
-        )
-    return _ranked(vectors, ids, query, best_rows, k)
+    [hits] = top_k_batch(vectors, ids, query[None, :], k, chunk_rows=chunk_rows, check=check)
+    assert hits is not None
+    return hits
 
 
 def top_k_batch(
     vectors: np.ndarray,
     ids: np.ndarray,
     queries: np.ndarray,
-    k: int,
+    k: int | Sequence[int],
     *,
     chunk_rows: int = 32768,
-    check: Callable[[], None] = lambda: None,
-) -> list[list[tuple[int, float]]]:
+    check: Callable[[], np.ndarray | None] = lambda: None,
+) -> list[list[tuple[int, float]] | None]:
     """top_k for several unit queries at once: one matrix product per chunk, the same results.
+
+    `k` is one k for every query, or one per query. `check` is called between chunks: it
+    raises to stop the scan, or returns a boolean mask over the queries of those still
+    wanted (None: all). A query that is no longer wanted leaves the block for good (no
+    more CPU is spent on it) and its result is None.
 
     Per query, a running threshold (its k-th best score so far, minus the rounding slack)
     rises as the scan goes; a chunk contributes only the scores above it, selected for all
@@ -89,34 +86,46 @@ def top_k_batch(
     """
     n = queries.shape[0]
     slack = _slack(vectors.shape[1])
-    keep = max(1, min(k, vectors.shape[0]))
-    block_queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ks = np.broadcast_to(np.asarray(k, dtype=np.int64), (n,))
+    keeps = np.clip(ks, 1, max(1, vectors.shape[0]))
+    alive = np.arange(n)  # the queries still in the block, by their index in `queries`
+    block = np.ascontiguousarray(queries, dtype=np.float32)
     thresholds = np.full(n, -np.inf, dtype=np.float32)
     pending_scores: list[list[np.ndarray]] = [[] for _ in range(n)]
     pending_rows: list[list[np.ndarray]] = [[] for _ in range(n)]
     pending = np.zeros(n, dtype=np.int64)  # candidates held per query
-    prune_above = max(4 * keep, keep + 1024)
+    prune_above = np.maximum(4 * keeps, keeps + 1024)
     for start in range(0, vectors.shape[0], chunk_rows):
-        check()
-        scores = block_queries @ vectors[start : start + chunk_rows].T  # (n, chunk): row q is query q
+        wanted = check()
+        if wanted is not None and not wanted[alive].all():
+            alive = alive[wanted[alive]]
+            if alive.size == 0:
+                break
+            block = np.ascontiguousarray(queries[alive], dtype=np.float32)
+        scores = block @ vectors[start : start + chunk_rows].T  # (alive, chunk): row i is query alive[i]
         width = scores.shape[1]
-        unsettled = pending < keep
-        if unsettled.any() and width > keep:
-            # No threshold yet (first chunk): this chunk's own k-th best, for those queries at once.
-            kth = np.partition(scores[unsettled], width - keep, axis=1)[:, width - keep]
-            thresholds[unsettled] = np.maximum(thresholds[unsettled], kth - slack)
+        unsettled = pending[alive] < keeps[alive]
+        if unsettled.any():
+            # No threshold yet (first chunk): this chunk's own kk-th best, for those queries at
+            # once. kk, the largest of their k, gives a threshold low enough for each of them.
+            kk = int(keeps[alive][unsettled].max())
+            if width > kk:
+                kth = np.partition(scores[unsettled], width - kk, axis=1)[:, width - kk]
+                settling = alive[unsettled]
+                thresholds[settling] = np.maximum(thresholds[settling], kth - slack)
         # flatnonzero + divmod: ~30x faster than a 2-D np.nonzero here; indices come out in
-        # row-major order, so picked_q is ascending.
-        flat = np.flatnonzero(scores >= thresholds[:, None])
-        picked_q, picked_col = np.divmod(flat, width)
+        # row-major order, so picked_i is ascending.
+        flat = np.flatnonzero(scores >= thresholds[alive][:, None])
+        picked_i, picked_col = np.divmod(flat, width)
         picked_scores = scores.ravel()[flat]
-        bounds = np.searchsorted(picked_q, np.arange(n + 1))
-        for q in np.flatnonzero(bounds[1:] > bounds[:-1]):
-            lo, hi = bounds[q], bounds[q + 1]
+        bounds = np.searchsorted(picked_i, np.arange(alive.size + 1))
+        for i in np.flatnonzero(bounds[1:] > bounds[:-1]):
+            q, lo, hi = alive[i], bounds[i], bounds[i + 1]
             pending_scores[q].append(picked_scores[lo:hi])
             pending_rows[q].append(picked_col[lo:hi] + start)
             pending[q] += hi - lo
-            if pending[q] > prune_above:
+            if pending[q] > prune_above[q]:
+                keep = keeps[q]
                 best_scores, best_rows = _keep_best(
                     np.concatenate(pending_scores[q]), np.concatenate(pending_rows[q]), keep, slack
                 )
@@ -124,11 +133,11 @@ def top_k_batch(
                 if best_scores.shape[0] >= keep:
                     kth_best = np.partition(best_scores, best_scores.shape[0] - keep)[best_scores.shape[0] - keep]
                     thresholds[q] = max(thresholds[q], kth_best - slack)
-    results = []
-    for q in range(n):
+    results: list[list[tuple[int, float]] | None] = [None] * n
+    for q in alive:
         if pending_scores[q]:
-            _, rows = _keep_best(np.concatenate(pending_scores[q]), np.concatenate(pending_rows[q]), keep, slack)
+            _, rows = _keep_best(np.concatenate(pending_scores[q]), np.concatenate(pending_rows[q]), int(keeps[q]), slack)
         else:
             rows = np.empty(0, dtype=np.int64)
-        results.append(_ranked(vectors, ids, queries[q], rows, k))
+        results[q] = _ranked(vectors, ids, queries[q], rows, int(ks[q]))
     return results

@@ -26,7 +26,7 @@ from compute import registry, shm
 from compute.batching import BATCHING_SERVICE, BatchingServicer
 from compute.calls import CallPath
 from compute.jobs.runner import JobService
-from compute.metrics import BatchMetrics, CallMetrics, PoolCollector
+from compute.metrics import BatchMetrics, CallMetrics, PoolCollector, PoolMetrics
 from compute.pool import HealingPool
 from compute.runtime import Runtime
 from compute.servicer import OperationServicer
@@ -84,6 +84,7 @@ class ComputeServer:
             registry=self.registry,
         )
         self.heartbeat.start()
+        self._pool_metrics = PoolMetrics(self.registry)
         self.registry.register(
             PoolCollector(lambda: self.pool.stats() if self.pool else None, lambda: self.table.nbytes if self.table else 0)
         )
@@ -110,6 +111,10 @@ class ComputeServer:
             backoff=settings.rebuild_backoff_seconds,
             backoff_max=settings.rebuild_backoff_max_seconds,
             backoff_reset=settings.rebuild_reset_seconds,
+            max_batch=settings.pool_max_batch,
+            max_batch_delay=settings.pool_max_batch_delay_seconds,
+            jobs_yield_seconds=settings.pool_jobs_yield_seconds,
+            observer=self._pool_metrics,
         )
         await self.pool.start()
         self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat)

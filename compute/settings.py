@@ -51,6 +51,15 @@ class ComputeSettings(BaseSettings):
         19, ge=0, le=19, description="Niceness added to pool workers (19: the serving loops get the CPU first)"
     )
     max_inflight: int = Field(16, ge=1, description="Heavy calls running + queued; beyond: RESOURCE_EXHAUSTED")
+    pool_max_batch: int = Field(
+        64, ge=1, description="Most waiting calls of one batchable heavy operation (e.g. Search) run as one pool task"
+    )
+    pool_max_batch_delay_seconds: float = Field(
+        0.0, ge=0, description="How long a free worker waits for more calls to join a batch (0: it goes at once)"
+    )
+    pool_jobs_yield_seconds: float = Field(
+        1.0, ge=0, description="While interactive heavy calls arrived this recently, job chunks leave them one worker"
+    )
     max_k: int = Field(1000, ge=1, description="Largest k for Search")
     search_chunk_rows: int = Field(32768, ge=256, description="Rows scanned between cancellation checks")
     rebuild_backoff_seconds: float = Field(0.2, gt=0, description="First delay before re-rebuilding a crashing pool")
@@ -64,7 +73,10 @@ class ComputeSettings(BaseSettings):
         "FULL", description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes (faster)"
     )
     job_type_modules: list[str] = Field(["compute.jobs.batch_search"], description="Modules whose @job_type planners are served")
-    jobs_concurrency: int = Field(1, ge=1, description="Jobs running at once (each runs one chunk at a time in the pool)")
+    jobs_concurrency: int = Field(1, ge=1, description="Jobs running at once")
+    jobs_chunks_in_flight: int | None = Field(
+        None, ge=1, description="Chunks of one job in the pool at once (default: pool_size; interactive calls still go first)"
+    )
     jobs_max_queued: int = Field(10_000, ge=1, description="Queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
     jobs_max_attempts: int = Field(3, ge=1, description="Attempts per job (worker crash, compute restart) before it fails")
     jobs_backoff_base_seconds: float = Field(1.0, gt=0, description="Retry delay ceiling for the first retry (doubles per attempt, full jitter)")

@@ -1,8 +1,10 @@
 """Code that runs inside pool worker processes. Never imports grpc (grpc#16001).
 
 Each worker attaches the table read-only in its initializer (milliseconds: it maps pages,
-copies nothing) and the small control segment through which compute asks a running task to
-stop. A task receives a `TaskContext`; heavy operations call `task.check()` between chunks.
+copies nothing) and the small control segment through which compute asks a running call to
+stop: one flag per call. A single call receives a `TaskContext`, and its operation calls
+`task.check()` between chunks. A batch of calls receives a `BatchTask`, whose `check()`
+answers which members are still wanted: each has its own flag and deadline.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compute import shm
-from compute.errors import Cancelled, DeadlineExceeded
+from compute.errors import Cancelled, ComputeError, DeadlineExceeded
 from compute.table import EmbeddingTable, TableSpec
 from offload import context, logs
 
@@ -32,7 +34,7 @@ class TaskMeta:
     request_id: str
     traceparent: str
     deadline: float | None  # wall clock (time.time()); None = no deadline
-    slot: int  # index of this task's cancel flag
+    flag: int  # index of this call's cancel flag in the control segment
 
 
 class TaskContext:
@@ -49,14 +51,53 @@ class TaskContext:
         return self.meta.request_id
 
     def cancelled(self) -> bool:
-        return bool(self._flags[self.meta.slot] == CANCEL_REQUESTED)
+        return bool(self._flags[self.meta.flag] == CANCEL_REQUESTED)
 
     def check(self) -> None:
         """Raise if the call was cancelled or its deadline passed. Cheap: call it often."""
-        if self._flags[self.meta.slot] == CANCEL_REQUESTED:
+        if self._flags[self.meta.flag] == CANCEL_REQUESTED:
             raise Cancelled("the call was cancelled")
         if self.meta.deadline is not None and time.time() > self.meta.deadline:
             raise DeadlineExceeded("the deadline passed while the work was running")
+
+
+class BatchTask:
+    """What a batch function gets: the table, and the calls it serves at once ("members").
+
+    `check()` between chunks returns a boolean mask of the members still wanted. A member
+    whose call was cancelled, or whose deadline passed, leaves for good: its result is
+    replaced by its error (Cancelled / DeadlineExceeded), so the batch function should stop
+    spending CPU on it. When every member has left, `check()` raises and the batch stops.
+    """
+
+    def __init__(self, table: EmbeddingTable, metas: list[TaskMeta], flags: np.ndarray, chunk_rows: int) -> None:
+        self.table = table
+        self.chunk_rows = chunk_rows
+        self.metas = metas
+        self._flags = flags
+        self._flag_index = np.array([meta.flag for meta in metas], dtype=np.intp)
+        self._deadlines = np.array([np.inf if meta.deadline is None else meta.deadline for meta in metas])
+        self._wanted = np.ones(len(metas), dtype=bool)
+        # Why each member left (None: still in); the error its caller gets.
+        self.left: list[ComputeError | None] = [None] * len(metas)
+
+    @property
+    def size(self) -> int:
+        return len(self.metas)
+
+    def check(self) -> np.ndarray:
+        """The mask of members still wanted (do not modify it); raises when none is."""
+        cancelled = self._wanted & (self._flags[self._flag_index] == CANCEL_REQUESTED)
+        expired = self._wanted & ~cancelled & (self._deadlines < time.time())
+        if cancelled.any() or expired.any():
+            for index in np.flatnonzero(cancelled):
+                self.left[index] = Cancelled("the call was cancelled")
+            for index in np.flatnonzero(expired):
+                self.left[index] = DeadlineExceeded("the deadline passed while the work was running")
+            self._wanted &= ~(cancelled | expired)
+        if not self._wanted.any():
+            raise Cancelled("every call of the batch left")
+        return self._wanted
 
 
 @dataclass(slots=True)
@@ -119,7 +160,7 @@ def ping(delay: float = 0.0) -> int:
 
 
 def run(fn, request, meta: TaskMeta):
-    """Run one heavy operation. Work whose deadline already passed is never started."""
+    """Run one heavy call. Work whose deadline already passed is never started."""
     assert _state is not None, "worker not initialized"
     if meta.deadline is not None and time.time() > meta.deadline:
         raise DeadlineExceeded("the deadline passed before the work started; it was not run")
@@ -127,3 +168,22 @@ def run(fn, request, meta: TaskMeta):
     with context.bound(context.RequestContext(meta.request_id, meta.traceparent)):
         task.check()
         return fn(request, task)
+
+
+def run_batch(batch_fn, requests: list, metas: list[TaskMeta]) -> list:
+    """Run several calls of one operation at once: `batch_fn(requests, task)` returns one
+    result per request. Returns, per member, its result or the error it left with."""
+    assert _state is not None, "worker not initialized"
+    task = BatchTask(_state.table, metas, _state.flags, _state.chunk_rows)
+    # Log lines of the batch carry its first member's context (each member's own is in compute's logs).
+    with context.bound(context.RequestContext(metas[0].request_id, metas[0].traceparent)):
+        try:
+            task.check()
+            results = batch_fn(requests, task)
+        except Cancelled:
+            if any(reason is None for reason in task.left):
+                raise  # the operation's own Cancelled, not "every member left"
+            return list(task.left)
+    if len(results) != len(requests):
+        raise TypeError(f"{batch_fn.__name__} returned {len(results)} results for {len(requests)} requests")
+    return [result if reason is None else reason for result, reason in zip(results, task.left)]

@@ -12,6 +12,8 @@ import os
 import signal
 import time
 
+import numpy as np
+
 from google.rpc import code_pb2
 
 from compute.errors import ComputeError, InvalidArgument
@@ -33,6 +35,34 @@ def spin(request: testing_pb2.SpinRequest, task) -> testing_pb2.SpinResponse:
         sum(range(2000))
         iterations += 1
     return testing_pb2.SpinResponse(pid=os.getpid(), iterations=iterations, finished=True)
+
+
+def spin_together_batch(requests: list[testing_pb2.SpinTogetherRequest], task) -> list:
+    """Every member burns CPU until its own `seconds` pass or it leaves (cancel, deadline)."""
+    log.info("spin together started", extra={"members": task.size, "worker_pid": os.getpid()})
+    started = time.monotonic()
+    ends = np.array([started + request.seconds for request in requests])
+    results: list = [None] * len(requests)
+    while True:
+        wanted = task.check()  # raises once every member has left
+        running = wanted & np.array([result is None for result in results])
+        if not running.any():
+            return results
+        now = time.monotonic()
+        for index in np.flatnonzero(running & (ends <= now)):
+            results[index] = testing_pb2.SpinTogetherResponse(
+                pid=os.getpid(), batch_size=task.size, members_at_finish=int(running.sum())
+            )
+        sum(range(2000))
+
+
+@heavy(f"{SERVICE}.SpinTogether", batch=spin_together_batch)
+def spin_together(request: testing_pb2.SpinTogetherRequest, task) -> testing_pb2.SpinTogetherResponse:
+    end = time.monotonic() + request.seconds
+    while time.monotonic() < end:
+        task.check()
+        sum(range(2000))
+    return testing_pb2.SpinTogetherResponse(pid=os.getpid(), batch_size=1, members_at_finish=1)
 
 
 @light(f"{SERVICE}.Block")

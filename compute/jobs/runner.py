@@ -1,8 +1,10 @@
 """JobService: accepts, claims, runs, retries, cancels and expires jobs; feeds watchers.
 
-- Claiming: up to `jobs_concurrency` jobs run at once, each one chunk at a time, in the
-  pool's JOBS lane (interactive calls get free workers first, and jobs never count against
-  interactive admission). Nothing is claimed while the pool is rebuilding.
+- Claiming: up to `jobs_concurrency` jobs run at once, each with up to
+  `jobs_chunks_in_flight` chunks (default: one per pool worker) in the pool's JOBS lane.
+  Interactive calls get free workers first, and while they arrive the scheduler leaves
+  them a worker (compute/scheduler.py); jobs never count against interactive admission.
+  Nothing is claimed while the pool is rebuilding.
 - Progress: each chunk's results and the new progress are written in one transaction.
   A job requeued after a restart re-plans from its stored spec and skips stored chunks.
 - Cancel: a conditional UPDATE to CANCELLED (wins or loses against completion, never both),
@@ -27,7 +29,7 @@ from typing import AsyncIterator
 from compute.errors import ComputeError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from compute.jobs import store as st
 from compute.jobs import types as job_types
-from compute.jobs.types import JobType
+from compute.jobs.types import Chunk, JobType
 from compute.pool import Lane
 from compute.runtime import Runtime
 from offload import context
@@ -56,6 +58,7 @@ class JobService:
         self.types = types
         self.ttl = settings.jobs_ttl_seconds
         self._concurrency = settings.jobs_concurrency
+        self._chunks_in_flight = settings.jobs_chunks_in_flight or settings.pool_size
         self._max_attempts = settings.jobs_max_attempts
         self._backoff_base = settings.jobs_backoff_base_seconds
         self._backoff_max = settings.jobs_backoff_max_seconds
@@ -271,28 +274,50 @@ class JobService:
         stored = await self.store.chunk_indexes(record.id)
         ctx = RequestContext(record.request_id, record.traceparent)
         log.info("job started", extra={"job_id": record.id, "attempt": record.attempts, "chunks": len(chunks), "resumed_chunks": len(stored)})
-        first = 0
         done = sum(chunk.entries for index, chunk in enumerate(chunks) if index in stored)
+        todo, first = [], 0
         for index, chunk in enumerate(chunks):
-            start, first = first, first + chunk.entries
-            if index in stored:
-                continue
-            current = await self.store.get(record.id, time.time())
-            if current is None or current.state != st.RUNNING:
-                return  # cancelled (possibly by another process) or expired
-            try:
-                payload = await self.runtime.pool.run(job_type.run_chunk, chunk.request, ctx=ctx, deadline=None, lane=Lane.JOBS)
-            except Unavailable as exc:
-                await self._retry_or_fail(record, exc)
-                return
-            except ComputeError as exc:
-                await self._finish_failed(record, exc.code, exc.message)
-                return
-            done += chunk.entries
-            updated = await self.store.save_chunk(record.id, index, st.ChunkPayload(start, chunk.entries, payload), done, time.time())
-            if updated is None:
-                return  # cancelled while the chunk ran
-            self._publish(updated)
+            if index not in stored:
+                todo.append((index, first, chunk))
+            first += chunk.entries
+        todo.reverse()  # popped from the end: in order
+
+        def run_chunk(chunk: Chunk) -> asyncio.Task:
+            call = self.runtime.pool.run(job_type.run_chunk, chunk.request, ctx=ctx, deadline=None, lane=Lane.JOBS)
+            return asyncio.ensure_future(call)
+
+        # Up to `jobs_chunks_in_flight` chunks in the pool at once (the scheduler keeps a worker
+        # for interactive calls while they arrive); each is saved as soon as it is done.
+        in_flight: dict[asyncio.Task, tuple[int, int, Chunk]] = {}
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < self._chunks_in_flight:
+                    current = await self.store.get(record.id, time.time())
+                    if current is None or current.state != st.RUNNING:
+                        return  # cancelled (possibly by another process) or expired
+                    index, start, chunk = todo.pop()
+                    in_flight[run_chunk(chunk)] = (index, start, chunk)
+                finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(finished, key=lambda t: in_flight[t][0]):
+                    index, start, chunk = in_flight.pop(task)
+                    try:
+                        payload = task.result()
+                    except Unavailable as exc:
+                        await self._retry_or_fail(record, exc)
+                        return
+                    except ComputeError as exc:
+                        await self._finish_failed(record, exc.code, exc.message)
+                        return
+                    done += chunk.entries
+                    updated = await self.store.save_chunk(record.id, index, st.ChunkPayload(start, chunk.entries, payload), done, time.time())
+                    if updated is None:
+                        return  # cancelled while the chunk ran
+                    self._publish(updated)
+        finally:
+            for task in in_flight:
+                task.cancel()  # raises the chunk's cancel flag in its worker
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
         now = time.time()
         final = await self.store.transition(
             record.id, (st.RUNNING,), st.SUCCEEDED, now, end_time=now, expire_time=now + self.ttl, error_code=None, error_message=None

@@ -76,16 +76,58 @@ def test_a_row_of_the_table_ranks_itself_first():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_top_k_batch_equals_top_k(seed):
+def test_top_k_batch_with_a_k_per_query_equals_brute_force(seed):
     rng = np.random.default_rng(100 + seed)
     rows, dim = int(rng.integers(1, 300)), int(rng.integers(1, 24))
     vectors, ids = random_table(rng, rows, dim, duplicates=rows // 4)
     queries = np.stack([unit(rng, dim) for _ in range(5)] + [vectors[0]])  # a query equal to a row
-    for k in (1, 5, rows, rows + 3):
-        batch = top_k_batch(vectors, ids, queries, k, chunk_rows=17)
+    for ks in ([1] * 6, [5, 1, rows, rows + 3, 2, 7], [rows] * 6):
+        batch = top_k_batch(vectors, ids, queries, ks, chunk_rows=17)
         assert len(batch) == len(queries)
-        for query, got in zip(queries, batch):
-            assert_same(got, top_k(vectors, ids, query, k, chunk_rows=17))
+        for query, k, got in zip(queries, ks, batch):
+            assert_same(got, reference(vectors, ids, query, k))
+
+
+class RecordedMatrix(np.ndarray):
+    """The table, recording how many queries each matrix product against it carried."""
+
+    products: list[int]
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if ufunc is np.matmul:
+            RecordedMatrix.products.append(inputs[0].shape[0])
+        plain = [x.view(np.ndarray) if isinstance(x, RecordedMatrix) else x for x in inputs]
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+def test_queries_that_leave_drop_out_of_the_scan_and_the_rest_stay_exact():
+    rng = np.random.default_rng(9)
+    vectors, ids = random_table(rng, 2000, 8, duplicates=500)
+    queries = np.stack([unit(rng, 8) for _ in range(4)])
+    ks = [3, 10, 1, 50]
+    wanted = np.ones(4, dtype=bool)
+    checks = []
+
+    def check():  # query 1 leaves before the 3rd chunk, query 3 before the 6th
+        checks.append(1)
+        if len(checks) == 3:
+            wanted[1] = False
+        if len(checks) == 6:
+            wanted[3] = False
+        return wanted
+
+    RecordedMatrix.products = []
+    found = top_k_batch(vectors.view(RecordedMatrix), ids, queries, ks, chunk_rows=100, check=check)
+    assert RecordedMatrix.products == [4, 4, 3, 3, 3] + [2] * 15, "a query that left must cost no more products"
+    assert found[1] is None and found[3] is None
+    for q in (0, 2):
+        assert_same(found[q], reference(vectors, ids, queries[q], ks[q]))
+
+    # When every query has left, the scan stops.
+    RecordedMatrix.products = []
+    gone = np.zeros(4, dtype=bool)
+    assert top_k_batch(vectors.view(RecordedMatrix), ids, queries, ks, chunk_rows=100, check=lambda: gone) == [None] * 4
+    assert RecordedMatrix.products == []
 
 
 @pytest.mark.parametrize("search", ["single", "batch"])

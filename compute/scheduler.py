@@ -1,0 +1,176 @@
+"""Which waiting call a free pool worker takes next, and which calls go with it.
+
+Calls wait here in two lanes: interactive calls first, job chunks after. Each worker slot
+is a loop (`_serve`): take the next batch, run it, repeat. A slot is busy exactly while its
+loop awaits `run_batch`, so there is one place where a slot is taken and given back.
+
+Dynamic batching: when a slot takes a call of an operation that declared a batch function,
+the calls of that operation waiting in the same lane go with it, in arrival order, up to
+`max_batch`. Nothing waits for a batch to fill: calls merge only while every worker is busy
+and they queue anyway. `max_delay` (0 by default) lets a slot wait that long after the
+first call's arrival for more calls to join.
+
+Jobs yield to interactive calls: while interactive calls have arrived within the last
+`jobs_yield_seconds`, job chunks leave one worker free (with more than one), so an
+interactive call never waits behind two job chunks; with no interactive traffic, jobs use
+every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from compute import worker
+
+log = logging.getLogger("compute.pool")
+
+
+class Lane(enum.IntEnum):
+    INTERACTIVE = 0  # served first
+    JOBS = 1
+
+
+@dataclass(eq=False, slots=True)
+class PoolCall:
+    """One caller's heavy call, from the moment it is queued until its result is set."""
+
+    name: str  # the operation, for stats and metrics
+    fn: Callable[..., Any]  # runs one request in a worker
+    batch: Callable[..., Any] | None  # runs several requests of the same operation at once
+    request: Any
+    meta: worker.TaskMeta
+    lane: Lane
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+    expiry: asyncio.TimerHandle | None = None  # fails the call if its deadline passes while queued
+
+    @property
+    def waiting(self) -> bool:
+        return not self.future.done()
+
+
+RunBatch = Callable[[int, list[PoolCall]], Awaitable[None]]
+
+
+class Scheduler:
+    """`start(run_batch)` once, `put()` many times, `stop()` once."""
+
+    def __init__(self, *, size: int, max_batch: int, max_delay: float, jobs_yield_seconds: float) -> None:
+        self.size = size
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.jobs_yield_seconds = jobs_yield_seconds
+        self._lanes: dict[Lane, collections.deque[PoolCall]] = {lane: collections.deque() for lane in Lane}
+        self._wake = asyncio.Event()
+        self._busy: dict[int, Lane] = {}  # slot -> the lane of the batch it runs
+        self._last_interactive = float("-inf")
+        self._slots: list[asyncio.Task[None]] = []
+
+    def start(self, run_batch: RunBatch) -> None:
+        loop = asyncio.get_running_loop()
+        self._slots = [loop.create_task(self._serve(slot, run_batch), name=f"offload-pool-slot-{slot}") for slot in range(self.size)]
+
+    def stop(self) -> list[PoolCall]:
+        """Stop taking work; returns the calls still waiting (the caller fails them)."""
+        for task in self._slots:
+            task.cancel()
+        waiting = [call for lane in Lane for call in self._lanes[lane] if call.waiting]
+        for lane in Lane:
+            self._lanes[lane].clear()
+        return waiting
+
+    def put(self, call: PoolCall) -> None:
+        if call.lane is Lane.INTERACTIVE:
+            self._last_interactive = time.monotonic()
+        self._lanes[call.lane].append(call)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look at the lanes again (e.g. the pool is healthy again)."""
+        self._wake.set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._busy)
+
+    @property
+    def queued(self) -> int:
+        return sum(call.waiting for lane in Lane for call in self._lanes[lane])
+
+    # -- the slot loops ------------------------------------------------------------------------
+
+    async def _serve(self, slot: int, run_batch: RunBatch) -> None:
+        while True:
+            calls, lane = await self._take()
+            self._busy[slot] = lane
+            try:
+                await run_batch(slot, calls)
+            except Exception:  # run_batch sets every call's outcome itself; never lose the slot
+                log.exception("pool slot failed to run a batch")
+            finally:
+                del self._busy[slot]
+                self._wake.set()  # a freed slot may let a job chunk through
+
+    async def _take(self) -> tuple[list[PoolCall], Lane]:
+        while True:
+            picked, retry_in = self._pick()
+            if picked is not None:
+                calls, lane = picked
+                if self.max_delay > 0 and calls[0].batch is not None and len(calls) < self.max_batch:
+                    await asyncio.sleep(max(0.0, calls[0].queued_at + self.max_delay - time.perf_counter()))
+                    self._join(calls, lane)
+                return calls, lane
+            # No await between _pick and clear: a put() cannot slip between them unseen.
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), retry_in)
+            except TimeoutError:
+                pass
+
+    def _pick(self) -> tuple[tuple[list[PoolCall], Lane] | None, float | None]:
+        """The next batch and its lane, or (None, seconds until a held-back job may go)."""
+        retry_in = None
+        for lane in Lane:
+            queue = self._lanes[lane]
+            while queue and not queue[0].waiting:
+                queue.popleft()  # cancelled or expired while queued
+            if not queue:
+                continue
+            if lane is Lane.JOBS:
+                retry_in = self._jobs_held_for()
+                if retry_in is not None:
+                    continue
+            calls = [queue.popleft()]
+            self._join(calls, lane)
+            return (calls, lane), None
+        return None, retry_in
+
+    def _join(self, calls: list[PoolCall], lane: Lane) -> None:
+        """Move the waiting calls of the same batchable operation into `calls` (arrival order)."""
+        batch = calls[0].batch
+        if batch is None or len(calls) >= self.max_batch:
+            return
+        queue, others = self._lanes[lane], collections.deque()
+        while queue and len(calls) < self.max_batch:
+            call = queue.popleft()
+            if call.batch is batch and call.waiting:
+                calls.append(call)
+            elif call.waiting:
+                others.append(call)
+        queue.extendleft(reversed(others))  # the rest keep their places at the front
+
+    def _jobs_held_for(self) -> float | None:
+        """None if a job chunk may take a slot now, else the seconds until it may."""
+        jobs_busy = sum(lane is Lane.JOBS for lane in self._busy.values())
+        if self.size == 1 or jobs_busy < self.size - 1:
+            return None
+        quiet = time.monotonic() - self._last_interactive
+        if quiet >= self.jobs_yield_seconds:
+            return None
+        return self.jobs_yield_seconds - quiet
