@@ -127,7 +127,10 @@ class CallPath:
                 return (await response) if inspect.isawaitable(response) else response
             if op.validate is not None:
                 op.validate(request, runtime)
-            return await runtime.pool.run(op.fn, request, ctx=ctx, deadline=deadline, batch=op.batch, name=bound.short_name)
+            merge = None if op.merge is None else (lambda partials: op.merge(request, partials, runtime))
+            return await runtime.pool.run(
+                op.fn, request, ctx=ctx, deadline=deadline, batch=op.batch, merge=merge, name=bound.short_name
+            )
 
     async def stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> AsyncIterator[Any]:
         """The messages of a server-streaming operation, with the same gate, errors and metrics."""

@@ -44,7 +44,7 @@ class PoolMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._size = Histogram(
             "offload_compute_pool_batch_size",
-            "Calls per pool task (1: the call ran alone)",
+            "Calls per pool task (1: the call ran alone; a segmented scan has one task per segment)",
             ["method"],
             buckets=BATCH_SIZE_BUCKETS,
             registry=registry,
@@ -57,18 +57,23 @@ class PoolMetrics:
             registry=registry,
         )
         self._calls = Counter(
-            "offload_compute_pool_calls",
-            "Heavy calls handed to a worker; batched=true: in a batch of two or more",
-            ["method", "batched"],
+            "offload_compute_pool_calls", "Heavy calls handed to a worker", ["method"], registry=registry
+        )
+        self._batched = Counter(
+            "offload_compute_pool_batched_calls",
+            "Heavy calls that shared a pool task with others (divide by offload_compute_pool_calls: the fraction batched)",
+            ["method"],
             registry=registry,
         )
 
-    def dispatched(self, operation: str, size: int, queue_waits: list[float]) -> None:
+    def dispatched(self, operation: str, size: int, queue_waits: list[float], newly_batched: int) -> None:
         self._size.labels(operation).observe(size)
         wait = self._wait.labels(operation)
         for seconds in queue_waits:
             wait.observe(seconds)
-        self._calls.labels(operation, "true" if size > 1 else "false").inc(size)
+        self._calls.labels(operation).inc(len(queue_waits))
+        if newly_batched:
+            self._batched.labels(operation).inc(newly_batched)
 
 
 class PoolCollector(Collector):

@@ -42,19 +42,40 @@ def validate_search(request: search_pb2.SearchRequest, runtime: Runtime) -> None
     normalised_query(request.vector, runtime.table.dim)
 
 
-def search_together(requests: list[search_pb2.SearchRequest], task: BatchTask) -> list[search_pb2.SearchResponse | None]:
-    """Search's batch function: one scan of the table for every waiting Search, each with its
-    own k; a member that leaves (cancelled, deadline) drops out of the scan at the next chunk."""
+def search_segment(requests: list[search_pb2.SearchRequest], task: BatchTask) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Search's batch function: one segment of the table (`task.rows`) scanned for every
+    member at once, each with its own k. Per member: its best (rows, exact scores) in the
+    segment, or None if it left (cancelled, deadline) and dropped out of the scan."""
     table = task.table
+    start, stop = task.rows
     queries = np.stack([normalised_query(request.vector, table.dim) for request in requests])
     found = top_k_batch(
-        table.vectors, table.ids, queries, [request.k for request in requests], chunk_rows=task.chunk_rows, check=task.check
+        table.vectors[start:stop],
+        table.ids[start:stop],
+        queries,
+        [request.k for request in requests],
+        chunk_rows=task.chunk_rows,
+        check=task.check,
     )
-    return [None if hits is None else _search_response(table, hits) for hits in found]
+    return [
+        None if hits is None else (np.array([row for row, _ in hits], dtype=np.int64) + start, np.array([s for _, s in hits], dtype=np.float32))
+        for hits in found
+    ]
 
 
-@heavy(f"{SERVICE}.Search", validate=validate_search, batch=search_together)
+def merge_search(request: search_pb2.SearchRequest, partials: list[tuple[np.ndarray, np.ndarray]], runtime: Runtime) -> search_pb2.SearchResponse:
+    """On the loop: a call's per-segment bests, ranked like one scan of the whole table
+    (score descending, then id ascending: the scores are exact, so segments compare)."""
+    table = runtime.table
+    rows = np.concatenate([rows for rows, _ in partials])
+    scores = np.concatenate([scores for _, scores in partials])
+    order = np.lexsort((table.ids[rows], -scores))[: request.k]
+    return _search_response(table, [(int(rows[i]), float(scores[i])) for i in order])
+
+
+@heavy(f"{SERVICE}.Search", validate=validate_search, batch=search_segment, merge=merge_search)
 def search(request: search_pb2.SearchRequest, task: TaskContext) -> search_pb2.SearchResponse:
+    """One Search alone, over the whole table (when the pool's batching is off)."""
     table = task.table
     query = normalised_query(request.vector, table.dim)
     return _search_response(table, top_k(table.vectors, table.ids, query, request.k, chunk_rows=task.chunk_rows, check=task.check))

@@ -9,10 +9,13 @@ Three parts, one job each:
   + waiting; beyond, ResourceExhausted at once, never an unbounded queue), deadlines of
   waiting calls, the cancel flags, and turning a batch's outcomes into each caller's result.
 
-Cancellation: a call owns one flag in a shared control segment while it runs. Cancelling
-the awaiting coroutine raises that flag; the worker checks it between chunks, and the
-worker's slot stays taken until the worker lets go. Inside a batch, every member has its
-own flag and deadline: a member that leaves gets its own error, the others go on.
+Cancellation: a call owns one flag in a shared control segment per task running it.
+Cancelling the awaiting coroutine raises its flags; the worker checks them between chunks,
+and the worker's slot stays taken until the worker lets go. Inside a batch, every member
+has its own flag and deadline: a member that leaves gets its own error, the others go on.
+
+A segmented operation (batch + merge, e.g. Search) is one task per table segment; the
+call's per-segment results are merged on the loop once the last segment is in.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import numpy as np
 from compute import shm, worker
 from compute.errors import ComputeError, DeadlineExceeded, ResourceExhausted, Unavailable
 from compute.executor import RESTARTING, ExecutorSupervisor, prepare
-from compute.scheduler import Lane, PoolCall, Scheduler
+from compute.scheduler import Batch, Lane, PoolCall, Scheduler
 from compute.table import TableSpec
 from offload.context import RequestContext
 
 __all__ = ["HealingPool", "Lane", "PoolStats", "BatchingStats", "prepare"]
 
 NOT_STARTED = "the deadline passed while queued; the work was not started"
+PASSED_WHILE_RUNNING = "the deadline passed while the work was running"
 
 
 @dataclass(slots=True)
@@ -64,11 +68,13 @@ class PoolStats:
 class DispatchObserver(Protocol):
     """Told of every worker task as it starts (compute/metrics.py implements it)."""
 
-    def dispatched(self, operation: str, size: int, queue_waits: list[float]) -> None: ...
+    def dispatched(self, operation: str, size: int, queue_waits: list[float], newly_batched: int) -> None:
+        """A task of `size` calls starts; `queue_waits`: of the calls it starts for the first
+        time; `newly_batched`: calls that share a task with others for the first time."""
 
 
 class _NoObserver:
-    def dispatched(self, operation: str, size: int, queue_waits: list[float]) -> None:
+    def dispatched(self, operation: str, size: int, queue_waits: list[float], newly_batched: int) -> None:
         pass
 
 
@@ -90,6 +96,7 @@ class HealingPool:
         backoff_reset: float,
         max_batch: int = 64,
         max_batch_delay: float = 0.0,
+        scan_segments: int = 2,
         jobs_yield_seconds: float = 1.0,
         observer: DispatchObserver | None = None,
     ) -> None:
@@ -110,6 +117,7 @@ class HealingPool:
         self._admitted = 0
         self._operations: dict[str, BatchingStats] = {}
         self._stopped = False
+        self.segments = _segments(table_spec.vectors.shape[0], scan_segments, chunk_rows)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -160,10 +168,13 @@ class HealingPool:
         deadline: float | None,
         lane: Lane = Lane.INTERACTIVE,
         batch: Callable[..., Any] | None = None,
+        merge: Callable[[list[Any]], Any] | None = None,
         name: str | None = None,
     ) -> Any:
         """Run `fn(request, task)` in a worker, or `batch([request, ...], task)` together with
-        other waiting calls that pass the same `batch`. `deadline` is wall-clock (time.time());
+        other waiting calls that pass the same `batch`. With `merge` too, the call is scanned
+        segment by segment (`task.rows`), batched per segment, and its result is
+        `merge([per-segment result, ...])`, on the loop. `deadline` is wall-clock (time.time());
         `name` labels the call in stats and metrics (default: the function's name).
 
         Raises ResourceExhausted (not admitted), DeadlineExceeded (expired while queued or
@@ -176,8 +187,10 @@ class HealingPool:
         if interactive and self._admitted >= self.max_inflight:
             raise ResourceExhausted("too many heavy calls in flight; retry later", retry_after=1.0)
         loop = asyncio.get_running_loop()
-        meta = worker.TaskMeta(ctx.request_id, ctx.traceparent, deadline, -1)  # its flag is given at dispatch
+        meta = worker.TaskMeta(ctx.request_id, ctx.traceparent, deadline, -1)  # flags are given per task
         call = PoolCall(name or fn.__name__, fn, batch, request, meta, lane, loop.create_future())
+        if batch is not None and merge is not None and self._scheduler.max_batch > 1:
+            call.todo, call.segments_left, call.merge = list(range(len(self.segments))), len(self.segments), merge
         if deadline is not None:
             call.expiry = loop.call_later(max(0.0, deadline - time.time()), _expire, call)
         call.future.add_done_callback(self._on_done(call))
@@ -194,38 +207,43 @@ class HealingPool:
         def done(future: asyncio.Future) -> None:
             if call.expiry is not None:
                 call.expiry.cancel()
-            if future.cancelled() and call.meta.flag >= 0:
-                self._flags[call.meta.flag] = worker.CANCEL_REQUESTED  # running: the worker stops it
+            if future.cancelled() or future.exception() is not None:
+                for flag in call.flags:  # tasks still running it (cancelled; or failed in another segment)
+                    self._flags[flag] = worker.CANCEL_REQUESTED
 
         return done
 
-    async def _run_batch(self, slot: int, calls: list[PoolCall]) -> None:
-        """Run calls the scheduler took together, on `slot`; set each call's outcome."""
+    async def _run_batch(self, slot: int, batch: Batch) -> None:
+        """Run a batch the scheduler took, on `slot`; set each call's outcome."""
         now = time.time()
         live = []
-        for call in calls:
+        for call in batch.calls:
             if not call.waiting:
-                continue  # cancelled while a delayed batch filled
+                continue  # cancelled while a delayed batch filled, or failed in another segment
             if call.meta.deadline is not None and now >= call.meta.deadline:
-                _fail(call, DeadlineExceeded(NOT_STARTED))
+                _fail(call, DeadlineExceeded(PASSED_WHILE_RUNNING if call.dispatched else NOT_STARTED))
             else:
                 live.append(call)
         if not live:
             return
+        metas = []
         for index, call in enumerate(live):
             flag = slot * self._scheduler.max_batch + index
             self._flags[flag] = 0
-            call.meta = worker.TaskMeta(call.meta.request_id, call.meta.traceparent, call.meta.deadline, flag)
-            if call.expiry is not None:
-                call.expiry.cancel()  # started: from now on the worker enforces the deadline
+            call.flags.add(flag)
+            metas.append(worker.TaskMeta(call.meta.request_id, call.meta.traceparent, call.meta.deadline, flag))
         self._observe(live, time.perf_counter())
         try:
-            if len(live) == 1:
-                future = self._supervisor.submit(worker.run, live[0].fn, live[0].request, live[0].meta)
+            if batch.segment is not None:
+                rows = self.segments[batch.segment]
+                future = self._supervisor.submit(worker.run_batch, batch.fn, [c.request for c in live], metas, rows)
+            elif len(live) == 1:
+                future = self._supervisor.submit(worker.run, live[0].fn, live[0].request, metas[0])
             else:
-                future = self._supervisor.submit(worker.run_batch, live[0].batch, [c.request for c in live], [c.meta for c in live])
+                future = self._supervisor.submit(worker.run_batch, batch.fn, [c.request for c in live], metas)
         except ComputeError as exc:
-            for call in live:
+            for call, meta in zip(live, metas):
+                call.flags.discard(meta.flag)
                 _fail(call, exc)
             return
         try:
@@ -233,41 +251,72 @@ class HealingPool:
             # slot taken until the worker has stopped (its flag is raised in _on_done).
             outcome = await future
         except BaseException as exc:
-            for call in live:
+            for call, meta in zip(live, metas):
+                call.flags.discard(meta.flag)
                 _fail(call, exc if isinstance(exc, Exception) else Unavailable(RESTARTING))
             if not isinstance(exc, Exception):
                 raise
             return
-        if len(live) == 1:
+        if batch.segment is None and len(live) == 1:
             outcome = [outcome]
-        for call, result in zip(live, outcome, strict=True):
+        for call, meta, result in zip(live, metas, outcome, strict=True):
+            call.flags.discard(meta.flag)
             if not call.waiting:
                 continue
             if isinstance(result, BaseException):
                 call.future.set_exception(result)
-            else:
+            elif batch.segment is None:
                 call.future.set_result(result)
+            else:
+                call.partials.append(result)
+                call.segments_left -= 1
+                if call.segments_left == 0:
+                    _finish(call)
 
     def _observe(self, calls: list[PoolCall], now: float) -> None:
+        """Stats count a call once (its first task), a batch per task of two or more calls."""
         name = calls[0].name
         stats = self._operations.get(name)
         if stats is None:
             stats = self._operations[name] = BatchingStats()
         size = len(calls)
-        waits = [now - call.queued_at for call in calls]
-        stats.calls += size
+        waits, newly_batched = [], 0
+        for call in calls:
+            if not call.dispatched:
+                call.dispatched = True
+                waits.append(now - call.queued_at)
+            if size > 1 and not call.batched:
+                call.batched = True
+                newly_batched += 1
+        stats.calls += len(waits)
+        stats.batched_calls += newly_batched
         stats.queue_wait_seconds += sum(waits)
         if size > 1:
-            stats.batched_calls += size
             stats.batches += 1
             stats.largest_batch = max(stats.largest_batch, size)
-        self._observer.dispatched(name, size, waits)
+        self._observer.dispatched(name, size, waits, newly_batched)
+
+
+def _segments(rows: int, count: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """`count` row ranges covering the table, each a whole number of scan chunks (the last may be short)."""
+    chunks = -(-rows // chunk_rows)  # ceil
+    per = -(-chunks // count) * chunk_rows
+    return [(start, min(start + per, rows)) for start in range(0, rows, per)]
 
 
 def _expire(call: PoolCall) -> None:
-    """A waiting call's deadline passed: answer now, never start it."""
-    if call.waiting and call.meta.flag < 0:
-        call.future.set_exception(DeadlineExceeded(NOT_STARTED))
+    """A call's deadline passed while it waited for a worker: answer now, start nothing more.
+    (While a task runs it, the worker sees the deadline itself.)"""
+    if call.waiting and not call.flags:
+        call.future.set_exception(DeadlineExceeded(PASSED_WHILE_RUNNING if call.dispatched else NOT_STARTED))
+
+
+def _finish(call: PoolCall) -> None:
+    """Every segment is in: the call's result is its merge (on the loop)."""
+    try:
+        call.future.set_result(call.merge(call.partials))
+    except Exception as exc:  # a bug in the merge: the call fails with it (Internal, logged by the call path)
+        call.future.set_exception(exc)
 
 
 def _fail(call: PoolCall, exc: BaseException) -> None:

@@ -3,13 +3,19 @@
     @light("offload.v1.ComputeService.GetItem")
     def get_item(request, runtime): ...          # runs on the event loop: must be fast
 
-    @heavy("offload.v1.ComputeService.Search", validate=check_search, batch=search_together)
+    @heavy("offload.v1.ComputeService.Search", validate=check_search, batch=search_segment, merge=merge_search)
     def search(request, task): ...               # runs in a pool worker with the shared table
 
 `batch` (optional) opts a heavy operation into dynamic batching: calls of it that wait for
-a worker are run together, as `search_together([request, ...], batch_task)`, which returns
-one response per request (see compute/worker.py `BatchTask` for each member's own deadline
-and cancellation). A call that finds a worker free runs alone, through the function itself.
+a worker run together, as `batch([request, ...], batch_task)`, which returns one response
+per request (see compute/worker.py `BatchTask` for each member's own deadline and
+cancellation). A call that finds a worker free runs alone, through the function itself.
+
+`merge` (optional, with `batch`) makes it a segmented scan: `batch` then scans only
+`batch_task.rows` (one segment of the table) and returns a partial result per request, and
+`merge(request, partials, runtime)` combines a call's partials on the loop. Calls join a
+scan at the next segment, and one call's segments run on several workers at once
+(compute/scheduler.py). Search is one: `search_segment` and `merge_search`.
 
 The decorators only tag the function; `collect()` gathers the tagged functions of the
 modules listed in settings. The servicer derives everything else (request/response types,
@@ -42,6 +48,8 @@ class Operation:
     validate: Callable[[Any, Any], None] | None = None
     # Heavy only: runs several waiting calls at once (dynamic batching); module-level too.
     batch: Callable[[list[Any], Any], list[Any]] | None = None
+    # With batch: combines a call's per-segment results, on the loop (a segmented scan).
+    merge: Callable[[Any, list[Any], Any], Any] | None = None
 
 
 def light(method: str) -> Callable[[Callable], Callable]:
@@ -57,12 +65,15 @@ def heavy(
     *,
     validate: Callable[[Any, Any], None] | None = None,
     batch: Callable[[list[Any], Any], list[Any]] | None = None,
+    merge: Callable[[Any, list[Any], Any], Any] | None = None,
 ) -> Callable[[Callable], Callable]:
     if batch is not None and "<locals>" in batch.__qualname__:
         raise ValueError(f"{method}: the batch function must be defined at module level (workers import it by name)")
+    if merge is not None and batch is None:
+        raise ValueError(f"{method}: merge needs a batch function (it combines the batch function's per-segment results)")
 
     def mark(fn: Callable) -> Callable:
-        setattr(fn, _TAG, Operation(method, fn, Kind.HEAVY, validate, batch))
+        setattr(fn, _TAG, Operation(method, fn, Kind.HEAVY, validate, batch, merge))
         return fn
 
     return mark

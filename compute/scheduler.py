@@ -10,6 +10,13 @@ the calls of that operation waiting in the same lane go with it, in arrival orde
 and they queue anyway. `max_delay` (0 by default) lets a slot wait that long after the
 first call's arrival for more calls to join.
 
+Segmented scans (operations that also declared a merge, like Search): the table is cut into
+row ranges ("segments") and each pool task scans one segment for a batch of calls. A call
+needs every segment once, in any order, so a call that arrives while a scan is under way
+joins it at the next segment instead of waiting for a whole scan to end, and one call's
+segments run on several workers at once. A free slot takes the segment that the most
+waiting calls still need, among those of the first waiting call (which so never starves).
+
 Jobs yield to interactive calls: while interactive calls have arrived within the last
 `jobs_yield_seconds`, job chunks leave one worker free (with more than one), so an
 interactive call never waits behind two job chunks; with no interactive traffic, jobs use
@@ -47,15 +54,39 @@ class PoolCall:
     meta: worker.TaskMeta
     lane: Lane
     future: asyncio.Future
+    # Segmented operations only: segments not yet handed to a worker, and the results of
+    # those done (a call is complete when `segments_left` reaches 0).
+    todo: list[int] | None = None
+    segments_left: int = 0
+    partials: list[Any] = field(default_factory=list)
+    merge: Callable[[list[Any]], Any] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
     expiry: asyncio.TimerHandle | None = None  # fails the call if its deadline passes while queued
+    flags: set[int] = field(default_factory=set)  # its cancel flags in the tasks running it now
+    dispatched: bool = False  # handed to a worker at least once
+    batched: bool = False  # ran in a pool task with other calls
 
     @property
     def waiting(self) -> bool:
         return not self.future.done()
 
+    @property
+    def queued(self) -> bool:
+        """Still needs a worker: not done, and (segmented) some segment not yet handed out."""
+        return not self.future.done() and (self.todo is None or bool(self.todo))
 
-RunBatch = Callable[[int, list[PoolCall]], Awaitable[None]]
+
+@dataclass(slots=True)
+class Batch:
+    """What one pool task runs: calls of one operation, and for a segmented one, which segment."""
+
+    calls: list[PoolCall]
+    lane: Lane
+    fn: Callable[..., Any] | None  # the batch function (None: a call of an unbatched operation)
+    segment: int | None = None
+
+
+RunBatch = Callable[[int, Batch], Awaitable[None]]
 
 
 class Scheduler:
@@ -101,31 +132,30 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return sum(call.waiting for lane in Lane for call in self._lanes[lane])
+        return sum(call.queued for lane in Lane for call in self._lanes[lane])
 
     # -- the slot loops ------------------------------------------------------------------------
 
     async def _serve(self, slot: int, run_batch: RunBatch) -> None:
         while True:
-            calls, lane = await self._take()
-            self._busy[slot] = lane
+            batch = await self._take()
+            self._busy[slot] = batch.lane
             try:
-                await run_batch(slot, calls)
+                await run_batch(slot, batch)
             except Exception:  # run_batch sets every call's outcome itself; never lose the slot
                 log.exception("pool slot failed to run a batch")
             finally:
                 del self._busy[slot]
                 self._wake.set()  # a freed slot may let a job chunk through
 
-    async def _take(self) -> tuple[list[PoolCall], Lane]:
+    async def _take(self) -> Batch:
         while True:
-            picked, retry_in = self._pick()
-            if picked is not None:
-                calls, lane = picked
-                if self.max_delay > 0 and calls[0].batch is not None and len(calls) < self.max_batch:
-                    await asyncio.sleep(max(0.0, calls[0].queued_at + self.max_delay - time.perf_counter()))
-                    self._join(calls, lane)
-                return calls, lane
+            batch, retry_in = self._pick()
+            if batch is not None:
+                if self.max_delay > 0 and batch.fn is not None and len(batch.calls) < self.max_batch:
+                    await asyncio.sleep(max(0.0, batch.calls[0].queued_at + self.max_delay - time.perf_counter()))
+                    self._join(batch)
+                return batch
             # No await between _pick and clear: a put() cannot slip between them unseen.
             self._wake.clear()
             try:
@@ -133,37 +163,60 @@ class Scheduler:
             except TimeoutError:
                 pass
 
-    def _pick(self) -> tuple[tuple[list[PoolCall], Lane] | None, float | None]:
-        """The next batch and its lane, or (None, seconds until a held-back job may go)."""
+    def _pick(self) -> tuple[Batch | None, float | None]:
+        """The next batch, or (None, seconds until a held-back job may go)."""
         retry_in = None
         for lane in Lane:
             queue = self._lanes[lane]
-            while queue and not queue[0].waiting:
-                queue.popleft()  # cancelled or expired while queued
+            while queue and not queue[0].queued:
+                queue.popleft()  # cancelled, expired, or every segment handed out
             if not queue:
                 continue
             if lane is Lane.JOBS:
                 retry_in = self._jobs_held_for()
                 if retry_in is not None:
                     continue
-            calls = [queue.popleft()]
-            self._join(calls, lane)
-            return (calls, lane), None
+            head = queue[0]
+            if head.todo is None:
+                batch = Batch([queue.popleft()], lane, head.batch)
+            else:
+                batch = Batch([], lane, head.batch, self._best_segment(head, queue))
+            self._join(batch)
+            return batch, None
         return None, retry_in
 
-    def _join(self, calls: list[PoolCall], lane: Lane) -> None:
-        """Move the waiting calls of the same batchable operation into `calls` (arrival order)."""
-        batch = calls[0].batch
-        if batch is None or len(calls) >= self.max_batch:
+    def _best_segment(self, head: PoolCall, queue: collections.deque[PoolCall]) -> int:
+        """Of the head's segments, the one the most waiting calls of its operation need."""
+        assert head.todo
+        if self.max_batch == 1:
+            return head.todo[0]
+        needed = collections.Counter(s for call in queue if call.batch is head.batch and call.queued for s in call.todo)
+        return max(head.todo, key=lambda segment: (needed[segment], -segment))
+
+    def _join(self, batch: Batch) -> None:
+        """Move waiting calls of the batch's operation into it, in arrival order."""
+        if batch.segment is not None:
+            self._join_segment(batch)
             return
-        queue, others = self._lanes[lane], collections.deque()
-        while queue and len(calls) < self.max_batch:
+        if batch.fn is None or len(batch.calls) >= self.max_batch:
+            return
+        queue, others = self._lanes[batch.lane], collections.deque()
+        while queue and len(batch.calls) < self.max_batch:
             call = queue.popleft()
-            if call.batch is batch and call.waiting:
-                calls.append(call)
-            elif call.waiting:
+            if call.batch is batch.fn and call.queued:
+                batch.calls.append(call)
+            elif call.queued:
                 others.append(call)
         queue.extendleft(reversed(others))  # the rest keep their places at the front
+
+    def _join_segment(self, batch: Batch) -> None:
+        for call in self._lanes[batch.lane]:
+            if len(batch.calls) >= self.max_batch:
+                break
+            if call.batch is batch.fn and call.queued and batch.segment in call.todo:
+                call.todo.remove(batch.segment)
+                batch.calls.append(call)
+        # Calls with every segment handed out leave the queue when they reach its front (_pick).
 
     def _jobs_held_for(self) -> float | None:
         """None if a job chunk may take a slot now, else the seconds until it may."""

@@ -113,6 +113,7 @@ class ComputeServer:
             backoff_reset=settings.rebuild_reset_seconds,
             max_batch=settings.pool_max_batch,
             max_batch_delay=settings.pool_max_batch_delay_seconds,
+            scan_segments=settings.pool_scan_segments,
             jobs_yield_seconds=settings.pool_jobs_yield_seconds,
             observer=self._pool_metrics,
         )

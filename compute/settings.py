@@ -54,6 +54,9 @@ class ComputeSettings(BaseSettings):
     pool_max_batch: int = Field(
         64, ge=1, description="Most waiting calls of one batchable heavy operation (e.g. Search) run as one pool task"
     )
+    pool_scan_segments: int = Field(
+        2, ge=1, description="Segments a batched scan (Search) is cut into: calls join at the next one, workers share them"
+    )
     pool_max_batch_delay_seconds: float = Field(
         0.0, ge=0, description="How long a free worker waits for more calls to join a batch (0: it goes at once)"
     )

@@ -62,7 +62,9 @@ class TaskContext:
 
 
 class BatchTask:
-    """What a batch function gets: the table, and the calls it serves at once ("members").
+    """What a batch function gets: the table, the rows to scan (`rows`, a (start, stop) pair:
+    one segment of the table for a segmented operation, else all of it), and the calls it
+    serves at once ("members").
 
     `check()` between chunks returns a boolean mask of the members still wanted. A member
     whose call was cancelled, or whose deadline passed, leaves for good: its result is
@@ -70,9 +72,12 @@ class BatchTask:
     spending CPU on it. When every member has left, `check()` raises and the batch stops.
     """
 
-    def __init__(self, table: EmbeddingTable, metas: list[TaskMeta], flags: np.ndarray, chunk_rows: int) -> None:
+    def __init__(
+        self, table: EmbeddingTable, metas: list[TaskMeta], flags: np.ndarray, chunk_rows: int, rows: tuple[int, int]
+    ) -> None:
         self.table = table
         self.chunk_rows = chunk_rows
+        self.rows = rows
         self.metas = metas
         self._flags = flags
         self._flag_index = np.array([meta.flag for meta in metas], dtype=np.intp)
@@ -170,11 +175,12 @@ def run(fn, request, meta: TaskMeta):
         return fn(request, task)
 
 
-def run_batch(batch_fn, requests: list, metas: list[TaskMeta]) -> list:
-    """Run several calls of one operation at once: `batch_fn(requests, task)` returns one
-    result per request. Returns, per member, its result or the error it left with."""
+def run_batch(batch_fn, requests: list, metas: list[TaskMeta], rows: tuple[int, int] | None = None) -> list:
+    """Run several calls of one operation at once, over `rows` of the table (default: all):
+    `batch_fn(requests, task)` returns one result per request. Returns, per member, its
+    result or the error it left with."""
     assert _state is not None, "worker not initialized"
-    task = BatchTask(_state.table, metas, _state.flags, _state.chunk_rows)
+    task = BatchTask(_state.table, metas, _state.flags, _state.chunk_rows, rows or (0, _state.table.rows))
     # Log lines of the batch carry its first member's context (each member's own is in compute's logs).
     with context.bound(context.RequestContext(metas[0].request_id, metas[0].traceparent)):
         try:

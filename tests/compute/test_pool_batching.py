@@ -37,7 +37,8 @@ def operation(compute, method: str):
 def test_waiting_searches_run_as_one_batch_with_their_own_k_and_exact_results(compute_factory, tmp_path):
     vectors, ids = table_with_ties(tmp_path)
     compute = compute_factory(
-        pool_size=1, vectors_path=tmp_path / "vectors.npy", ids_path=tmp_path / "ids.txt", search_chunk_rows=512
+        pool_size=1, vectors_path=tmp_path / "vectors.npy", ids_path=tmp_path / "ids.txt", search_chunk_rows=512,
+        pool_scan_segments=8,
     )
     occupier, _ = start_spin(compute, 1.0, "occupier")
     rng = np.random.default_rng(5)
@@ -55,18 +56,22 @@ def test_waiting_searches_run_as_one_batch_with_their_own_k_and_exact_results(co
         assert [hit.id for hit in response.hits] == [ids[row].decode() for row, _ in expected]
         np.testing.assert_allclose([hit.score for hit in response.hits], [s for _, s in expected], rtol=0, atol=1e-6)
 
+    # 6,000 rows in 512-row chunks: 6 segments of 1,024 rows, each scanned once for all six calls.
     search = operation(compute, "Search")
-    assert (search.calls, search.batched_calls, search.batches, search.largest_batch) == (6, 6, 1, 6)
+    assert (search.calls, search.batched_calls, search.batches, search.largest_batch) == (6, 6, 6, 6)
     metrics = compute.metrics_text()
-    assert metric_sample(metrics, "offload_compute_pool_batch_size_count", method="Search") == 1
-    assert metric_sample(metrics, "offload_compute_pool_batch_size_sum", method="Search") == 6
-    assert metric_sample(metrics, "offload_compute_pool_calls_total", method="Search", batched="true") == 6
+    assert metric_sample(metrics, "offload_compute_pool_batch_size_count", method="Search") == 6
+    assert metric_sample(metrics, "offload_compute_pool_batch_size_sum", method="Search") == 36
+    assert metric_sample(metrics, "offload_compute_pool_calls_total", method="Search") == 6
+    assert metric_sample(metrics, "offload_compute_pool_batched_calls_total", method="Search") == 6
     assert metric_sample(metrics, "offload_compute_pool_queue_wait_seconds_count", method="Search") == 6
 
-    # A Search that finds the worker free runs alone, through the single-call path.
-    service(compute).Search(search_pb2.SearchRequest(vector=queries[0].tolist(), k=3), timeout=10)
+    # A Search that finds the worker free runs alone: one task per segment, exact all the same.
+    response = service(compute).Search(search_pb2.SearchRequest(vector=queries[4].tolist(), k=650), timeout=10)
+    expected = reference(vectors, ids, normalised_query(queries[4].tolist(), 16), 650)
+    assert [hit.id for hit in response.hits] == [ids[row].decode() for row, _ in expected]
     search = operation(compute, "Search")
-    assert (search.calls, search.batched_calls) == (7, 6)
+    assert (search.calls, search.batched_calls, search.batches) == (7, 6, 6)
 
 
 def spin_together(compute, seconds: float, request_id: str, timeout: float | None = 60):

@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from compute.scheduler import Lane, PoolCall, Scheduler
+from compute.scheduler import Batch, Lane, PoolCall, Scheduler
 from compute.worker import TaskMeta
 
 
@@ -40,14 +40,20 @@ class Workers:
 
     def __init__(self) -> None:
         self.batches: list[tuple[int, list[str]]] = []
+        self.segments: list[int | None] = []
         self._gates: list[asyncio.Event] = []
 
-    async def run_batch(self, slot: int, calls: list[PoolCall]) -> None:
+    async def run_batch(self, slot: int, batch: Batch) -> None:
         gate = asyncio.Event()
         self._gates.append(gate)
-        self.batches.append((slot, [call.request for call in calls]))
+        self.batches.append((slot, [call.request for call in batch.calls]))
+        self.segments.append(batch.segment)
         await gate.wait()
-        for call in calls:
+        for call in batch.calls:
+            if batch.segment is not None:
+                call.segments_left -= 1
+                if call.segments_left:
+                    continue
             if not call.future.done():
                 call.future.set_result(call.request)
 
@@ -55,9 +61,12 @@ class Workers:
         self._gates[index].set()
 
 
-def make_call(name: str, fn=search, batch=search_together, lane: Lane = Lane.INTERACTIVE) -> PoolCall:
+def make_call(name: str, fn=search, batch=search_together, lane: Lane = Lane.INTERACTIVE, segments: int = 0) -> PoolCall:
     future = asyncio.get_running_loop().create_future()
-    return PoolCall(fn.__name__, fn, batch, name, TaskMeta(name, "", None, -1), lane, future)
+    call = PoolCall(fn.__name__, fn, batch, name, TaskMeta(name, "", None, -1), lane, future)
+    if segments:
+        call.todo, call.segments_left = list(range(segments)), segments
+    return call
 
 
 async def settle() -> None:
@@ -159,6 +168,41 @@ def test_max_delay_lets_a_free_worker_wait_for_more_calls(delay):
             await settle()
             workers.release(1)
         await settle()
+        scheduler.stop()
+
+    run(scenario())
+
+
+def test_segmented_calls_join_a_scan_at_the_next_segment_and_share_the_workers():
+    async def scenario():
+        scheduler, workers = Scheduler(size=2, max_batch=8, max_delay=0, jobs_yield_seconds=1), Workers()
+        scheduler.start(workers.run_batch)
+        first = make_call("first", segments=4)
+        scheduler.put(first)
+        await settle()
+        # One call alone takes both workers, on two of its segments.
+        assert workers.batches == [(0, ["first"]), (1, ["first"])] and workers.segments == [0, 1]
+        late = make_call("late", segments=4)
+        scheduler.put(late)
+        workers.release(0)
+        await settle()
+        # The free worker takes a segment both still need (first's 2, not late's 0): they share it.
+        assert workers.batches[2] == (0, ["first", "late"]) and workers.segments[2] == 2
+        workers.release(1)
+        await settle()
+        assert workers.batches[3] == (1, ["first", "late"]) and workers.segments[3] == 3
+        for index in (2, 3):
+            workers.release(index)
+        await settle()
+        assert first.future.result() == "first"
+        # late still needs segments 0 and 1, one per worker.
+        assert sorted(workers.segments[4:]) == [0, 1] and all(names == ["late"] for _, names in workers.batches[4:])
+        assert not late.future.done()
+        for index in (4, 5):
+            workers.release(index)
+        await settle()
+        assert late.future.result() == "late"
+        assert scheduler.queued == 0 and scheduler.busy == 0
         scheduler.stop()
 
     run(scenario())
