@@ -28,22 +28,28 @@ $(VENV)/.installed: requirements.lock
 
 protos: $(PROTO_STAMP)
 
-# One generator, pinned with the runtime. Output lands in the `offload` package as
+# One generator, pinned with the runtime (offload/protogen.py: grpcio-tools plus the proto
+# comments the OpenAPI document shows). Output lands in the `offload` package as
 # offload/v1/*_pb2.py, importable as `offload.v1.compute_pb2` with no path tricks.
-$(PROTO_STAMP): $(PROTOS) $(VENV)/.installed
+$(PROTO_STAMP): $(PROTOS) offload/protogen.py $(VENV)/.installed
 	rm -rf offload/v1 offload/testing
-	$(PY) -m grpc_tools.protoc -Iprotos -I"$$($(PY) -c 'import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])')" \
-		--python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(PY) -m offload.protogen protos --out .
 	touch $@
 
+# .env is exported to every process by python-dotenv, the parser pydantic-settings uses, so
+# a value means the same under make dev as to compute alone; the real environment wins
+# (--no-override). honcho's own .env reading is off (--env /dev/null): it strips the quotes of
+# JSON values shell-style. PYTHONPATH and other non-offload variables in .env work too.
+WITH_DOTENV = $(if $(wildcard .env),$(VENV)/bin/dotenv -f .env run --no-override --)
+
 dev: install protos
-	$(VENV)/bin/honcho start -f Procfile
+	$(WITH_DOTENV) $(VENV)/bin/honcho start -f Procfile --env /dev/null
 
 compute: install protos
-	$(PY) -m compute
+	$(WITH_DOTENV) $(PY) -m compute
 
 gateway: install protos
-	$(PY) -m gateway
+	$(WITH_DOTENV) $(PY) -m gateway
 
 test: install protos
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -59,4 +65,4 @@ lock: install
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra bench --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) offload/v1 .pytest_cache
+	rm -rf $(VENV) offload/v1 offload/testing .pytest_cache

@@ -37,6 +37,7 @@ def base_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "BENCH_"))}
     env.update(BLAS_ENV)
     env["PYTHONUNBUFFERED"] = "1"
+    env["OFFLOAD_ENV_FILE"] = ""  # a developer's .env must not change what is measured
     env.update(extra)
     return env
 

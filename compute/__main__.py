@@ -1,26 +1,30 @@
-"""`python -m compute`: run the compute process until SIGTERM/SIGINT."""
+"""`python -m compute`: run the compute process until SIGTERM/SIGINT.
+
+A configuration mistake (a setting, a module, an RPC without an operation) is printed as one
+line per problem, prefixed `compute:`, and the exit code is 2: no traceback.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import uvloop
-from pydantic import ValidationError
 
 from compute.server import ComputeServer
 from compute.settings import ComputeSettings
-from offload import logs
+from offload import config, logs
 
 
 def main() -> int:
     try:
-        settings = ComputeSettings()
-    except ValidationError as exc:
-        print(f"compute: invalid settings:\n{exc}", file=sys.stderr)
+        settings = config.load(ComputeSettings)
+        server = ComputeServer(settings)
+    except config.ConfigError as exc:
+        for line in exc.lines:
+            print(f"compute: {line}", file=sys.stderr)
         return 2
     logs.configure("compute", settings.log_level)
-    uvloop.run(ComputeServer(settings).serve())
+    uvloop.run(server.serve())
     return 0
 
 

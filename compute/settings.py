@@ -1,22 +1,32 @@
 """Compute settings: one object, built in the entry point and passed down.
 
-Every field is an environment variable `OFFLOAD_COMPUTE_<FIELD>` (or a line in `.env`).
+Every field is an environment variable `OFFLOAD_COMPUTE_<FIELD>` (or a line in `.env`). Build
+it with `offload.config.load(ComputeSettings)`: mistakes come back one line each.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from offload.addresses import is_loopback
+from offload.config import module_list
+
+BUILTIN_OPERATION_MODULES = ["compute.operations", "compute.jobs.operations"]
+BUILTIN_JOB_TYPE_MODULES = ["compute.jobs.batch_search"]
+
+# A list of names: JSON or comma-separated (offload.config.module_list), never decoded by
+# pydantic-settings itself (its error would not name the variable).
+Names = Annotated[list[str], NoDecode]
 
 
 class ComputeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OFFLOAD_COMPUTE_", env_file=".env", extra="ignore")
+    # An empty value (`OFFLOAD_COMPUTE_TLS_CERT_FILE=`) means unset, as .env.example reads.
+    model_config = SettingsConfigDict(env_prefix="OFFLOAD_COMPUTE_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     # -- serving ---------------------------------------------------------------------------
     address: str = Field("127.0.0.1:50051", description="gRPC listen address: host:port or unix:/path.sock")
@@ -30,9 +40,16 @@ class ComputeSettings(BaseSettings):
         256, ge=1, description="Most calls one Dispatch RPC (a batch from the gateway or offload.client) may carry"
     )
     drain_grace_seconds: float = Field(10.0, description="On SIGTERM, how long in-flight calls may finish")
-    operation_modules: list[str] = Field(
-        ["compute.operations", "compute.jobs.operations"],
-        description="Modules whose @light/@heavy functions are served (add yours here)",
+    extra_operation_modules: Names = Field(
+        [], description="Your modules of @light/@heavy functions, served on top of the built-in ones"
+    )
+    operation_modules: Names = Field(
+        BUILTIN_OPERATION_MODULES,
+        description="The built-in operation modules (replacing this list drops them; add yours to extra_operation_modules)",
+    )
+    unserved_methods: Names = Field(
+        [],
+        description="RPCs (package.Service.Method) knowingly left without an operation; any other one stops start-up",
     )
     log_level: str = Field("INFO", description="Log level for compute and its pool workers")
 
@@ -75,7 +92,10 @@ class ComputeSettings(BaseSettings):
     jobs_db_synchronous: Literal["NORMAL", "FULL"] = Field(
         "FULL", description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes (faster)"
     )
-    job_type_modules: list[str] = Field(["compute.jobs.batch_search"], description="Modules whose @job_type planners are served")
+    extra_job_type_modules: Names = Field([], description="Your modules of @job_type planners, on top of the built-in ones")
+    job_type_modules: Names = Field(
+        BUILTIN_JOB_TYPE_MODULES, description="The built-in job-type modules (add yours to extra_job_type_modules)"
+    )
     jobs_concurrency: int = Field(1, ge=1, description="Jobs running at once")
     jobs_chunks_in_flight: int | None = Field(
         None, ge=1, description="Chunks of one job in the pool at once (default: pool_size; interactive calls still go first)"
@@ -94,6 +114,19 @@ class ComputeSettings(BaseSettings):
     # -- heartbeat ------------------------------------------------------------------------
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
+
+    _names = field_validator(
+        "extra_operation_modules", "operation_modules", "unserved_methods", "extra_job_type_modules", "job_type_modules",
+        mode="before",
+    )(module_list)
+
+    @property
+    def served_operation_modules(self) -> list[str]:
+        return list(dict.fromkeys([*self.operation_modules, *self.extra_operation_modules]))
+
+    @property
+    def served_job_type_modules(self) -> list[str]:
+        return list(dict.fromkeys([*self.job_type_modules, *self.extra_job_type_modules]))
 
     @model_validator(mode="after")
     def _check(self) -> "ComputeSettings":

@@ -2,24 +2,37 @@
 
 The launcher prepares what must exist before any worker starts: a fresh
 PROMETHEUS_MULTIPROC_DIR (prometheus_client picks its storage when first imported, so the
-variable is set before uvicorn spawns workers; removed at exit). Body size is enforced by the
+variable is set before uvicorn spawns workers, and before this module imports anything that
+imports prometheus_client: with one worker, uvicorn runs the app in this process; removed at exit). Body size is enforced by the
 app while reading (413 for chunked bodies too), so no proxy is needed for that.
+
+Settings, proto modules and routes are checked here, once, before any worker starts: a mistake
+is printed as one line per problem, prefixed `gateway:`, and the exit code is 2.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
 import uvicorn
 
+from gateway.json_codec import Codec
 from gateway.settings import GatewaySettings
-from offload import logs
+from gateway.transcoding import routes_from_settings
+from offload import config, logs
 
 
-def main() -> None:
-    settings = GatewaySettings()
+def main() -> int:
+    try:
+        settings = config.load(GatewaySettings)
+        routes_from_settings(settings, Codec())  # checked once, before any worker starts
+    except config.ConfigError as exc:
+        for line in exc.lines:
+            print(f"gateway: {line}", file=sys.stderr)
+        return 2
     logs.configure("gateway", settings.log_level)
     owned_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -43,7 +56,8 @@ def main() -> None:
     finally:
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

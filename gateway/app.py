@@ -23,8 +23,8 @@ from gateway.json_codec import Codec
 from gateway.metrics import GatewayMetrics, worker_exited
 from gateway.openapi import build_openapi
 from gateway.settings import GatewaySettings
-from gateway.transcoding import load_routes
-from offload import logs
+from gateway.transcoding import routes_from_settings
+from offload import config, logs
 from offload.heartbeat import Heartbeat
 
 log = logging.getLogger("gateway")
@@ -32,9 +32,9 @@ log = logging.getLogger("gateway")
 
 def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
     """The ASGI app: a RestFrontend (its FastAPI part is `.fallback`). Call once per process."""
-    settings = settings or GatewaySettings()
+    settings = settings or config.load(GatewaySettings)
     logs.configure("gateway", settings.log_level)
-    routes = load_routes(settings.proto_modules, Codec())
+    routes = routes_from_settings(settings, Codec())
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     inflight: dict[int, str] = {}  # shared by the frontend (writes) and the heartbeat (reports)

@@ -1,21 +1,27 @@
 """Gateway settings: one object, built in the entry point (or the app factory) and passed down.
 
-Every field is an environment variable `OFFLOAD_GATEWAY_<FIELD>` (or a line in `.env`);
-lists and dicts are JSON, e.g. `OFFLOAD_GATEWAY_ROUTE_TIMEOUTS='{"Search": 10}'`.
+Every field is an environment variable `OFFLOAD_GATEWAY_<FIELD>` (or a line in `.env`). Lists are
+JSON or comma-separated, dicts JSON or name=value pairs, e.g. `OFFLOAD_GATEWAY_ROUTE_TIMEOUTS=Search=10`.
+Build it with `offload.config.load(GatewaySettings)`: mistakes come back one line each.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from offload.addresses import is_loopback
+from offload.config import module_list, number_map
+
+BUILTIN_PROTO_MODULES = ["offload.v1.compute_pb2"]
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OFFLOAD_GATEWAY_", env_file=".env", extra="ignore")
+    # An empty value (`OFFLOAD_GATEWAY_TLS_CA_FILE=`) means unset, as .env.example reads.
+    model_config = SettingsConfigDict(env_prefix="OFFLOAD_GATEWAY_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     # -- HTTP serving ----------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="HTTP listen host")
@@ -30,15 +36,18 @@ class GatewaySettings(BaseSettings):
     compute_address: str = Field(
         "127.0.0.1:50051", description="gRPC target of compute: host:port, unix:/path.sock, dns:///name:port"
     )
-    proto_modules: list[str] = Field(
-        ["offload.v1.compute_pb2"],
-        description="Generated *_pb2 modules whose services get REST routes (add yours here)",
+    extra_proto_modules: Annotated[list[str], NoDecode] = Field(
+        [], description="Your generated *_pb2 modules whose services get REST routes, on top of the built-in ones"
+    )
+    proto_modules: Annotated[list[str], NoDecode] = Field(
+        BUILTIN_PROTO_MODULES,
+        description="The built-in *_pb2 modules with REST routes (add yours to extra_proto_modules)",
     )
     default_timeout_seconds: float = Field(30.0, gt=0, description="Deadline of a unary call to compute")
     stream_timeout_seconds: float = Field(3600.0, gt=0, description="Deadline of a server-streaming call (SSE)")
     max_timeout_seconds: float = Field(3600.0, gt=0, description="Upper clamp of X-Request-Timeout and route timeouts")
-    route_timeouts: dict[str, float] = Field(
-        {}, description='Per-RPC deadline, by method name or full name, e.g. {"Search": 10}'
+    route_timeouts: Annotated[dict[str, float], NoDecode] = Field(
+        {}, description='Per-RPC deadline, by method name or full name, e.g. {"Search": 10} or Search=10'
     )
     retry_max_attempts: int = Field(3, ge=1, le=5, description="gRPC retry attempts for GET routes on UNAVAILABLE")
     max_reconnect_backoff_ms: int = Field(
@@ -66,6 +75,13 @@ class GatewaySettings(BaseSettings):
     # -- heartbeat ------------------------------------------------------------------------
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
+
+    _names = field_validator("extra_proto_modules", "proto_modules", mode="before")(module_list)
+    _timeouts = field_validator("route_timeouts", mode="before")(number_map)
+
+    @property
+    def routed_proto_modules(self) -> list[str]:
+        return list(dict.fromkeys([*self.proto_modules, *self.extra_proto_modules]))
 
     @model_validator(mode="after")
     def _check(self) -> "GatewaySettings":

@@ -25,6 +25,8 @@ from google.protobuf.message import Message
 from gateway.binder import RequestBinder, resolve_field
 from gateway.json_codec import Codec, is_map, is_scalar_like
 from gateway.path_template import PathTemplate, RouteError, parse_template
+from gateway.settings import GatewaySettings
+from offload import config
 from offload.v1 import http_options_pb2
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
@@ -198,6 +200,22 @@ class Route:
             return quote(str(target), safe="")
 
         return _LOCATION_VAR.sub(value, self.location)
+
+
+def routes_from_settings(settings: GatewaySettings, codec: Codec) -> list[Route]:
+    """The routes of the settings' proto modules; raises ConfigError naming the setting at fault."""
+    lines = []
+    for field in ("proto_modules", "extra_proto_modules"):
+        try:
+            config.import_modules(getattr(settings, field), f"OFFLOAD_GATEWAY_{field.upper()}")
+        except config.ConfigError as exc:
+            lines += exc.lines
+    if lines:
+        raise config.ConfigError(lines)
+    try:
+        return load_routes(settings.routed_proto_modules, codec)
+    except RouteError as exc:
+        raise config.ConfigError([f"the HTTP annotations of the proto modules: {exc}"]) from None
 
 
 def load_routes(module_names: list[str], codec: Codec) -> list[Route]:

@@ -21,7 +21,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTING_MODULES = ["compute.operations", "compute.jobs.operations", "tests.operations_testing"]
+TESTING_MODULES = ["tests.operations_testing"]  # served on top of the built-in operations
+
+
+def clean_env(**settings: object) -> dict[str, str]:
+    """This environment without any OFFLOAD_* variable and without the developer's `.env`,
+    plus `settings` (full variable names; lists and dicts as JSON)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["OFFLOAD_ENV_FILE"] = ""
+    for key, value in settings.items():
+        env[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return env
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02, message: str = "") -> None:
@@ -181,14 +191,12 @@ class ComputeLauncher:
             "dim": 16,
             "pool_size": 2,
             "shm_dir": str(shm_dir),
-            "operation_modules": TESTING_MODULES,
+            "extra_operation_modules": TESTING_MODULES,
             "drain_grace_seconds": 5,
             "jobs_db_path": str(self.workdir / f"jobs-{socket.stem}.sqlite3"),
         }
         defaults.update(settings)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
-        for key, value in defaults.items():
-            env[f"OFFLOAD_COMPUTE_{key.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        env = clean_env(**{f"OFFLOAD_COMPUTE_{key.upper()}": value for key, value in defaults.items()})
         process = ComputeProcess(env, defaults["address"], shm_dir, self.workdir / f"compute-{len(self.made)}.log")
         self.made.append(process)
         return process.start() if start else process

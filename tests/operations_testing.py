@@ -1,5 +1,5 @@
 """Operations of offload.testing.v1.TestingService, served only when a test lists this module
-in OFFLOAD_COMPUTE_OPERATION_MODULES. Like any module with heavy operations, it must not
+in OFFLOAD_COMPUTE_EXTRA_OPERATION_MODULES. Like any module with heavy operations, it must not
 import grpc (pool workers import it). Also the proof of the extension model: an RPC in a
 proto + one decorated function, and compute serves it with no other change.
 """

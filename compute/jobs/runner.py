@@ -74,12 +74,12 @@ class JobService:
 
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> "JobService":
-        """The service as the settings describe it: SQLite store, job types from `job_type_modules`."""
+        """The service as the settings describe it: SQLite store, job types from `job_type_modules` + `extra_job_type_modules`."""
         settings = runtime.settings
         store = st.SqliteJobStore(
             settings.jobs_db_path, max_bytes=settings.jobs_db_max_bytes, synchronous=settings.jobs_db_synchronous
         )
-        return cls(runtime, store, job_types.collect(settings.job_type_modules))
+        return cls(runtime, store, job_types.collect(settings.served_job_type_modules))
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ JobResult field's message, serialized, holding `Chunk.entries` entries of its on
 field: results are stored per chunk and served in pages without ever being unpickled.
 
 Adding a job type = one oneof field in SubmitJobRequest and JobResult (`make protos`) + one
-module with a decorated planner, listed in the `job_type_modules` setting.
+module with a decorated planner, listed in the `extra_job_type_modules` setting.
 Like heavy operations, job-type modules must not import grpc.
 """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,9 +13,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ComputeLauncher, wait_until, terminate
+from tests.conftest import ROOT, ComputeLauncher, clean_env, wait_until, terminate
 
-TEST_PROTO_MODULES = ["offload.v1.compute_pb2", "offload.testing.v1.testing_pb2"]
+TEST_PROTO_MODULES = ["offload.testing.v1.testing_pb2"]  # routed on top of the built-in protos
 
 
 def free_port() -> int:
@@ -84,13 +83,11 @@ class GatewayLauncher:
             "host": "127.0.0.1",
             "port": port,
             "workers": 2,
-            "proto_modules": TEST_PROTO_MODULES,
+            "extra_proto_modules": TEST_PROTO_MODULES,
             "graceful_shutdown_seconds": 3,
         }
         values.update(settings)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        for key, value in values.items():
-            env[f"OFFLOAD_GATEWAY_{key.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        env = clean_env(**{f"OFFLOAD_GATEWAY_{key.upper()}": value for key, value in values.items()})
         process = GatewayProcess(env, port, self.workdir / f"gateway-{len(self.made)}.log")
         self.made.append(process)
         return process.start(wait_ready=wait_ready) if start else process

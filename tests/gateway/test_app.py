@@ -22,7 +22,7 @@ from tests.gateway.conftest import TEST_PROTO_MODULES
 def app(tmp_path_factory):
     sock = tmp_path_factory.mktemp("nocompute") / "absent.sock"
     settings = GatewaySettings(
-        compute_address=f"unix:{sock}", proto_modules=TEST_PROTO_MODULES, max_body_bytes=1024, _env_file=None
+        compute_address=f"unix:{sock}", extra_proto_modules=TEST_PROTO_MODULES, max_body_bytes=1024, _env_file=None
     )
     return create_app(settings)
 
@@ -50,14 +50,16 @@ def test_openapi_is_generated_from_the_descriptors(client):
     paths = doc["paths"]
     item = paths["/v1/items/{id}"]["get"]
     assert item["operationId"] == "ComputeService_GetItem"
-    assert {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}} in item["parameters"]
+    assert {
+        "name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": 'The item\'s id, e.g. "item-42".'
+    } in item["parameters"]
     assert item["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/offload.v1.Item"}
     for code in ("400", "404", "429", "500", "501", "503", "504"):
         assert item["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("offload.Error")
     schemas = doc["components"]["schemas"]
     assert schemas["offload.v1.Item"]["properties"] == {
         "id": {"type": "string"},
-        "vector": {"type": "array", "items": {"type": "number", "format": "float"}},
+        "vector": {"type": "array", "items": {"type": "number", "format": "float"}, "description": "The unit-length vector (dim values)."},
     }
     search = paths["/v1/search"]["post"]
     assert search["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/offload.v1.SearchRequest"}
@@ -183,3 +185,14 @@ def test_settings_refuse_plaintext_to_a_remote_compute():
     with pytest.raises(ValueError, match="non-loopback"):
         GatewaySettings(compute_address="10.1.2.3:50051", _env_file=None)
     assert GatewaySettings(compute_address="unix:/tmp/x.sock", _env_file=None).compute_address == "unix:/tmp/x.sock"
+
+
+def test_the_launcher_imports_no_prometheus_client_before_setting_its_directory():
+    """prometheus_client picks its storage at import: imported before PROMETHEUS_MULTIPROC_DIR is
+    set, a one-worker gateway (served in the launcher's process) would report empty metrics."""
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.__main__; print('prometheus_client' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
