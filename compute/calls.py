@@ -30,6 +30,9 @@ from offload import context
 
 log = logging.getLogger("compute.calls")
 
+# gRPC's deadline timer and our wall-clock copy of the deadline can differ by a hair.
+_TIMER_SLACK = 0.002
+
 
 def grpc_path(full_name: str) -> str:
     """'pkg.Service.Method' -> '/pkg.Service/Method' (the name gRPC puts on the wire)."""
@@ -108,7 +111,7 @@ class CallPath:
 
     def answer_now(self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None) -> Any:
         """Serve an inline operation (`bound.inline`) synchronously."""
-        with _Served(self, bound, ctx):
+        with _Served(self, bound, ctx, deadline):
             self._admit(deadline)
             return bound.op.fn(request, self._runtime)
 
@@ -118,7 +121,7 @@ class CallPath:
         The transport enforces the deadline around this coroutine (gRPC does for unary calls);
         heavy work gets it too, so queued work that expires is never started.
         """
-        with _Served(self, bound, ctx):
+        with _Served(self, bound, ctx, deadline):
             self._admit(deadline)
             runtime = self._runtime
             op = bound.op
@@ -132,10 +135,12 @@ class CallPath:
                 op.fn, request, ctx=ctx, deadline=deadline, batch=op.batch, merge=merge, name=bound.short_name
             )
 
-    async def stream(self, bound: BoundOperation, request: Any, ctx: context.RequestContext) -> AsyncIterator[Any]:
+    async def stream(
+        self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None = None
+    ) -> AsyncIterator[Any]:
         """The messages of a server-streaming operation, with the same gate, errors and metrics."""
-        with _Served(self, bound, ctx):
-            self._admit(None)
+        with _Served(self, bound, ctx, deadline):
+            self._admit(deadline)
             async for message in bound.op.fn(request, self._runtime):
                 yield message
 
@@ -163,14 +168,18 @@ class _Served:
     """What every call gets around its work: the request context bound (log lines carry it),
     an entry in the in-flight registry, the per-method metrics with the outcome's code, and a
     bug turned into `Internal` (logged here, with its stack, while the context is still bound).
+    A call cancelled once its deadline has passed is the transport enforcing that deadline
+    (gRPC cancels the handler): it counts as DEADLINE_EXCEEDED, not CANCELLED.
 
     A class, not @contextmanager: this runs per call and costs a third as much.
     """
 
-    __slots__ = ("_calls", "_bound", "_ctx", "_token", "_started")
+    __slots__ = ("_calls", "_bound", "_ctx", "_deadline", "_token", "_started")
 
-    def __init__(self, calls: CallPath, bound: BoundOperation, ctx: context.RequestContext) -> None:
-        self._calls, self._bound, self._ctx = calls, bound, ctx
+    def __init__(
+        self, calls: CallPath, bound: BoundOperation, ctx: context.RequestContext, deadline: float | None
+    ) -> None:
+        self._calls, self._bound, self._ctx, self._deadline = calls, bound, ctx, deadline
 
     def __enter__(self) -> None:
         self._started = time.perf_counter()
@@ -185,7 +194,8 @@ class _Served:
             elif isinstance(exc, ComputeError):
                 code = exc.code
             elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                code = "CANCELLED"
+                expired = self._deadline is not None and time.time() >= self._deadline - _TIMER_SLACK
+                code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             elif isinstance(exc, Exception):
                 code = "INTERNAL"
                 log.error("operation failed", exc_info=exc, extra={"method": bound.op.method})

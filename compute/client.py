@@ -6,8 +6,9 @@
     python -m compute.client health
     python -m compute.client --list
 
-Any RPC of the loaded protos works, by short name (`Search`) or full name
-(`offload.v1.ComputeService.Search`); requests and responses are protobuf JSON.
+Any RPC compute serves works, yours included, by short name (`Search`) or full name
+(`offload.v1.ComputeService.Search`): the client asks compute's reflection service for the
+protos, so it needs no generated code. Requests and responses are protobuf JSON.
 Server-streaming RPCs print one JSON object per message.
 """
 
@@ -20,22 +21,40 @@ import sys
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from offload import context
-from offload.v1 import compute_pb2  # noqa: F401  (loads the ComputeService descriptors)
+from offload.v1 import compute_pb2
 
-DEFAULT_SERVICES = ("offload.v1.ComputeService",)
+# Served by compute for its own plumbing: not operations.
+_INFRASTRUCTURE = ("grpc.", "offload.v1.CallBatching")
 
 
-def find_method(name: str, services=DEFAULT_SERVICES):
-    pool = descriptor_pool.Default()
-    if name.count(".") >= 2:
-        return pool.FindMethodByName(name)
-    for service_name in services:
-        method = pool.FindServiceByName(service_name).methods_by_name.get(name)
-        if method is not None:
-            return method
-    raise SystemExit(f"unknown method {name!r}; try --list")
+class ServedProtos:
+    """The services compute serves and their types, read through its reflection service."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        self.pool = descriptor_pool.DescriptorPool(database)
+        self.services = [
+            self.pool.FindServiceByName(name)
+            for name in database.get_services()
+            if not name.startswith(_INFRASTRUCTURE)
+        ]
+
+    def find_method(self, name: str):
+        if name.count(".") >= 2:
+            try:
+                return self.pool.FindMethodByName(name)
+            except KeyError:
+                raise SystemExit(f"compute serves no method {name!r}; try --list") from None
+        found = [s.methods_by_name[name] for s in self.services if name in s.methods_by_name]
+        if len(found) > 1:
+            names = ", ".join(m.full_name for m in found)
+            raise SystemExit(f"{name!r} is ambiguous ({names}): give the full name")
+        if not found:
+            raise SystemExit(f"compute serves no method {name!r}; try --list")
+        return found[0]
 
 
 def call(channel: grpc.Channel, method, request_json: str, *, timeout: float, metadata) -> list[str]:
@@ -61,18 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the RPCs")
     args = parser.parse_intermixed_args(argv)
 
-    if args.list:
-        service = descriptor_pool.Default().FindServiceByName(DEFAULT_SERVICES[0])
-        for method in service.methods:
-            print(f"{method.name}({method.input_type.name}) -> {'stream ' if method.server_streaming else ''}{method.output_type.name}")
-        return 0
-    if not args.method:
+    if not args.method and not args.list:
         parser.error("a method is required (or --list)")
 
     channel = grpc.insecure_channel(args.address)
     ctx = context.from_headers(args.request_id, None)
     metadata = ((context.REQUEST_ID_HEADER, ctx.request_id), (context.TRACEPARENT_HEADER, ctx.traceparent))
     try:
+        if args.list:
+            for service in ServedProtos(channel).services:
+                for m in service.methods:
+                    stream = "stream " if m.server_streaming else ""
+                    print(f"{service.full_name}.{m.name}({m.input_type.name}) -> {stream}{m.output_type.name}")
+            return 0
         if args.method == "health":
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
             print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
@@ -83,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             body = json.loads(request_json or "{}")
             body["vector"] = list(item.vector)
             request_json = json.dumps(body)
-        for line in call(channel, find_method(args.method), request_json, timeout=args.timeout, metadata=metadata):
+        method = ServedProtos(channel).find_method(args.method)
+        for line in call(channel, method, request_json, timeout=args.timeout, metadata=metadata):
             print(line)
         return 0
     except json_format.ParseError as exc:

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from compute import pool as pool_module
-from compute import registry, shm
+from compute import served, shm
 from compute.batching import BATCHING_SERVICE, BatchingServicer
 from compute.calls import CallPath
 from compute.jobs.runner import JobService
@@ -44,7 +44,9 @@ class ComputeServer:
     """`await serve()` runs until SIGTERM/SIGINT; or `start()` then `stop()` (tests)."""
 
     def __init__(self, settings: ComputeSettings) -> None:
+        """Raises offload.config.ConfigError when the operations to serve are misconfigured."""
         self.settings = settings
+        self._operations = served.operations(settings)
         self.registry = CollectorRegistry()
         self.table: EmbeddingTable | None = None
         self.pool: HealingPool | None = None
@@ -75,8 +77,7 @@ class ComputeServer:
 
         shm.sweep_stale(settings.shm_dir)
         pool_module.prepare(settings.blas_threads)
-        operations = registry.collect(settings.operation_modules)
-        calls = self._calls = CallPath(operations, CallMetrics(self.registry))
+        calls = self._calls = CallPath(self._operations, CallMetrics(self.registry))
         self.heartbeat = Heartbeat(
             interval=settings.heartbeat_interval,
             stall_threshold=settings.stall_threshold,

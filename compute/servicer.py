@@ -30,6 +30,11 @@ def request_context(grpc_context: grpc.aio.ServicerContext) -> context.RequestCo
     )
 
 
+def wall_clock_deadline(grpc_context: grpc.aio.ServicerContext) -> float | None:
+    remaining = grpc_context.time_remaining()
+    return None if remaining is None else time.time() + remaining
+
+
 def retry_after_seconds(exc: ResourceExhausted) -> int:
     return max(1, math.ceil(exc.retry_after))
 
@@ -68,8 +73,7 @@ class OperationServicer:
 
         async def handle(request: Any, grpc_context: grpc.aio.ServicerContext) -> Any:
             ctx = request_context(grpc_context)
-            remaining = grpc_context.time_remaining()
-            deadline = None if remaining is None else time.time() + remaining
+            deadline = wall_clock_deadline(grpc_context)
             try:
                 if bound.inline:
                     return calls.answer_now(bound, request, ctx, deadline)
@@ -84,9 +88,10 @@ class OperationServicer:
 
         async def handle(request: Any, grpc_context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             ctx = request_context(grpc_context)
+            deadline = wall_clock_deadline(grpc_context)
             try:
                 # aclosing: an abandoned stream is finalised here, in its own task, not by the GC.
-                async with contextlib.aclosing(calls.stream(bound, request, ctx)) as messages:
+                async with contextlib.aclosing(calls.stream(bound, request, ctx, deadline)) as messages:
                     async for message in messages:
                         yield message
             except ComputeError as exc:

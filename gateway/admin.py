@@ -37,17 +37,20 @@ def build_admin(
     @app.get(
         "/readyz",
         tags=["admin"],
-        summary="Compute is SERVING and this worker's event loop is healthy",
+        summary="Compute serves every routed service and this worker's event loop is healthy",
         responses={503: {"description": "Not ready"}},
     )
     async def readyz(request: Request) -> Response:
         heartbeat = getattr(request.state, HEARTBEAT_STATE_KEY, None)
         client = getattr(request.state, COMPUTE_STATE_KEY, None)
         heartbeat_ok = heartbeat is not None and heartbeat.healthy
-        compute_ok = client is not None and await client.serving()
+        readiness = await client.readiness() if client is not None else None
+        compute_ok = readiness is not None and readiness.serving
         metrics.ready.set(1 if compute_ok else 0)
         ready = heartbeat_ok and compute_ok
-        body = {"status": "ready" if ready else "not ready", "compute": compute_ok, "event_loop": heartbeat_ok}
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "compute": compute_ok, "event_loop": heartbeat_ok}
+        if readiness is not None and readiness.unserved:
+            body["unserved_services"] = readiness.unserved  # routed here, but compute has no such service
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["admin"], summary="Prometheus metrics of every gateway worker")

@@ -14,6 +14,9 @@ must never be created at import time or before a fork.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -25,7 +28,16 @@ from gateway.transcoding import Route
 from offload.client import BatchObserver, ComputeChannel, UnaryMethod
 
 TIMEOUT_HEADER = "x-request-timeout"
-PRIMARY_SERVICE = "offload.v1.ComputeService"
+
+log = logging.getLogger("gateway.client")
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What compute's health service says of the services this gateway routes to."""
+
+    serving: bool  # every routed service answered SERVING
+    unserved: list[str] = field(default_factory=list)  # routed, but compute has no such service
 
 
 class TimeoutHeaderError(ValueError):
@@ -84,6 +96,8 @@ class ComputeClient:
         self._unary: dict[str, UnaryMethod] = {}
         self._streams: dict[str, Any] = {}
         self._health: health_pb2_grpc.HealthStub | None = None
+        self._services = sorted({r.service for r in routes})
+        self._reported_unserved: list[str] = []
 
     async def start(self) -> None:
         """Call once, inside the running loop."""
@@ -118,18 +132,39 @@ class ComputeClient:
             raise TimeoutHeaderError("X-Request-Timeout must be a positive number of seconds")
         return min(value, self._settings.max_timeout_seconds)
 
-    async def serving(self) -> bool:
-        """True when compute's health service says SERVING for ComputeService (or overall)."""
+    async def readiness(self) -> Readiness:
+        """Ask compute's health service about every routed service, at once.
+
+        Compute answers SERVING per service it serves and NOT_FOUND for one it does not have:
+        routes to that service would all answer 501, so it is reported (and logged once) as
+        unserved, and the gateway is not ready.
+        """
         if self._health is None:
-            return False
-        services = {r.service for r in self._routes}
-        service = PRIMARY_SERVICE if PRIMARY_SERVICE in services else ""
+            return Readiness(False)
+        answers = await asyncio.gather(*(self._check(service) for service in self._services))
+        unserved = [service for service, answer in zip(self._services, answers) if answer is grpc.StatusCode.NOT_FOUND]
+        if unserved != self._reported_unserved:
+            self._reported_unserved = unserved
+            if unserved:
+                log.error(
+                    "compute does not serve services this gateway routes to: their routes answer 501",
+                    extra={
+                        "services": unserved,
+                        "fix": "list the module of their operations in compute's OFFLOAD_COMPUTE_EXTRA_OPERATION_MODULES, "
+                        "or drop their *_pb2 module from OFFLOAD_GATEWAY_EXTRA_PROTO_MODULES",
+                    },
+                )
+        return Readiness(all(answer == health_pb2.HealthCheckResponse.SERVING for answer in answers), unserved)
+
+    async def _check(self, service: str) -> Any:
+        """The service's health status, or the gRPC code of a failed check."""
+        assert self._health is not None
         try:
             response = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=self._settings.readiness_timeout_seconds,
                 wait_for_ready=False,
             )
-        except grpc.aio.AioRpcError:
-            return False
-        return response.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return response.status

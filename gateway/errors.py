@@ -50,6 +50,9 @@ _FIXED_MESSAGES = {
     grpc.StatusCode.DATA_LOSS: "internal error",
 }
 
+# What grpc itself answers for a method the server has no handler for.
+_GRPC_METHOD_NOT_FOUND = "Method not found!"
+
 _MAX_MESSAGE = 1024
 
 # Statuses raised by the gateway itself, by HTTP code.
@@ -92,6 +95,8 @@ def from_call_error(exc: CallError) -> ApiError:
     """Map a failed call, batched or not. A server's retry hint becomes Retry-After."""
     code = exc.code()
     message = _FIXED_MESSAGES.get(code)
+    if code == grpc.StatusCode.UNIMPLEMENTED and exc.message == _GRPC_METHOD_NOT_FOUND:
+        message = "compute does not serve this RPC (see the gateway's /readyz and log)"
     if message is None:
         message = (exc.message or code.name.lower().replace("_", " "))[:_MAX_MESSAGE]
     headers: list[tuple[bytes, bytes]] = []
