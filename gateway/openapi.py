@@ -3,7 +3,9 @@
 Schemas follow the JSON mapping the codec implements (64-bit integers are strings, enums are
 names, bytes base64, Timestamp date-time...), one component per message, named by its full proto
 name. Request bodies drop the fields bound by the path; every operation lists the error
-responses the gateway can produce, with the AIP-193 body.
+responses the gateway can produce, with the AIP-193 body. Proto comments become the
+descriptions of operations, tags (services), schemas (messages), properties and parameters
+(fields) and enum values (gateway/proto_docs.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor as FD
 
 from gateway.json_codec import is_map
+from gateway.proto_docs import ProtoDocs
 from gateway.transcoding import Route, resolve_field
 
 ERROR_SCHEMA = "offload.Error"
@@ -60,8 +63,9 @@ _ERRORS = {
 
 
 class SchemaBuilder:
-    def __init__(self) -> None:
+    def __init__(self, docs: ProtoDocs | None = None) -> None:
         self.components: dict[str, Any] = {}
+        self.docs = docs or ProtoDocs()
 
     def ref(self, desc: Descriptor) -> dict[str, Any]:
         name = desc.full_name
@@ -75,13 +79,22 @@ class SchemaBuilder:
         return {"$ref": f"#/components/schemas/{name}"}
 
     def message(self, desc: Descriptor, exclude: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-        properties = {f.json_name: self.field(f) for f in desc.fields if f.name not in exclude}
+        properties = {f.json_name: self.described_field(f) for f in desc.fields if f.name not in exclude}
         schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
         oneofs = [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))]
-        if oneofs:
-            schema["description"] = "; ".join(
-                f"at most one of {', '.join(f.json_name for f in o.fields)} ({o.name})" for o in oneofs
-            )
+        notes = [self.docs.of(desc)] + [
+            f"At most one of {', '.join(f.json_name for f in o.fields)} ({o.name})." for o in oneofs
+        ]
+        if any(notes):
+            schema["description"] = "\n\n".join(note for note in notes if note)
+        return schema
+
+    def described_field(self, f: FD) -> dict[str, Any]:
+        """The field's schema with its proto comment as description."""
+        schema = self.field(f)
+        comment = self.docs.of(f)
+        if comment:
+            schema = {**schema, "description": comment}
         return schema
 
     def field(self, f: FD) -> dict[str, Any]:
@@ -96,7 +109,11 @@ class SchemaBuilder:
         if f.type == FD.TYPE_MESSAGE:
             return self.ref(f.message_type)
         if f.type == FD.TYPE_ENUM:
-            return {"type": "string", "enum": [v.name for v in f.enum_type.values]}
+            schema: dict[str, Any] = {"type": "string", "enum": [v.name for v in f.enum_type.values]}
+            values = {v.name: self.docs.of_value(f.enum_type, v) for v in f.enum_type.values}
+            if any(values.values()):
+                schema["x-enum-descriptions"] = {name: text for name, text in values.items() if text}
+            return schema
         return dict(_SCALARS[f.type])
 
 
@@ -104,9 +121,14 @@ def build_openapi(routes: list[Route], title: str = "offload", version: str = "v
     """The OpenAPI document of the generated routes (merge admin routes in separately)."""
     schemas = SchemaBuilder()
     paths: dict[str, Any] = {}
+    tags: dict[str, dict[str, Any]] = {}
     for route in routes:
         operation = _operation(route, schemas)
         paths.setdefault(route.path.openapi_path, {})[route.http_method.lower()] = operation
+        service = route.method.containing_service
+        tag = tags.setdefault(service.name, {"name": service.name})
+        if schemas.docs.of(service):
+            tag["description"] = schemas.docs.of(service)
     components = {
         **schemas.components,
         ERROR_SCHEMA: {
@@ -129,6 +151,7 @@ def build_openapi(routes: list[Route], title: str = "offload", version: str = "v
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
+        "tags": list(tags.values()),
         "paths": paths,
         "components": {"schemas": components},
     }
@@ -139,10 +162,14 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
     for var in route.path.variables:
         chain = resolve_field(route.request_type, var.field_path)
         assert chain is not None
-        parameters.append({"name": var.name, "in": "path", "required": True, "schema": schemas.field(chain[-1])})
+        parameters.append(_described(
+            {"name": var.name, "in": "path", "required": True, "schema": schemas.field(chain[-1])}, schemas.docs.of(chain[-1])
+        ))
     for dotted, chain in route.query_fields():
         schema = schemas.field(chain[-1])
-        param: dict[str, Any] = {"name": dotted, "in": "query", "required": False, "schema": schema}
+        param: dict[str, Any] = _described(
+            {"name": dotted, "in": "query", "required": False, "schema": schema}, schemas.docs.of(chain[-1])
+        )
         if chain[-1].is_repeated:
             param.update(style="form", explode=True)
         parameters.append(param)
@@ -162,10 +189,12 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
         {"name": "X-Request-Timeout", "in": "header", "required": False, "schema": {"type": "number", "exclusiveMinimum": 0},
          "description": "Deadline in seconds for this call (clamped to the gateway maximum)"},
     ]
+    grpc_line = f"gRPC `{route.full_method}`" + (" (server stream, served as Server-Sent Events)" if route.streaming else "")
+    comment = schemas.docs.of(route.method)
     operation: dict[str, Any] = {
         "operationId": route.operation_id,
         "summary": route.name,
-        "description": f"gRPC `{route.full_method}`" + (" (server stream, served as Server-Sent Events)" if route.streaming else ""),
+        "description": f"{comment}\n\n{grpc_line}" if comment else grpc_line,
         "tags": [route.method.containing_service.name],
         "parameters": parameters,
     }
@@ -174,7 +203,7 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
             top = {v.field_path[0] for v in route.path.variables if len(v.field_path) == 1}
             schema = schemas.message(route.request_type, exclude=top) if top else schemas.ref(route.request_type)
         else:
-            schema = schemas.field(route.body_field)  # type: ignore[arg-type]
+            schema = schemas.described_field(route.body_field)  # type: ignore[arg-type]
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": schema}}}
     request_id_header = {"X-Request-ID": {"schema": {"type": "string"}}}
     if route.streaming:
@@ -203,3 +232,9 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
             responses[code]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
     operation["responses"] = responses
     return operation
+
+
+def _described(parameter: dict[str, Any], comment: str | None) -> dict[str, Any]:
+    if comment:
+        parameter["description"] = comment
+    return parameter
