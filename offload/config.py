@@ -71,7 +71,7 @@ def import_modules(names: list[str], variable: str) -> list[ModuleType]:
         try:
             modules.append(importlib.import_module(name))
         except ImportError as exc:
-            hint = "" if exc.name not in (name, *_parents(name)) else " (is its directory on PYTHONPATH? is its code generated?)"
+            hint = " (is its directory on PYTHONPATH? is its code generated?)" if isinstance(exc, ModuleNotFoundError) else ""
             lines.append(f"{variable}: cannot import {name!r}: {exc}{hint}")
     if lines:
         raise ConfigError(lines)
@@ -154,7 +154,3 @@ def _error_line(error: Any, sources: _Sources, prefix: str) -> str:
     where = "".join(f"[{part!r}]" for part in loc[1:])
     return f"{sources.describe(variable)}: {where + ': ' if where else ''}{message}"
 
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
