@@ -40,7 +40,9 @@ $(PROTO_STAMP): $(PROTOS) offload/protogen.py $(VENV)/.installed
 # a value means the same under make dev as to compute alone; the real environment wins
 # (--no-override). honcho's own .env reading is off (--env /dev/null): it strips the quotes of
 # JSON values shell-style. PYTHONPATH and other non-offload variables in .env work too.
-WITH_DOTENV = $(if $(wildcard .env),$(VENV)/bin/dotenv -f .env run --no-override --)
+# OFFLOAD_ENV_FILE names another file; set but empty, none (as the settings read it).
+ENV_FILE := $(if $(filter undefined,$(origin OFFLOAD_ENV_FILE)),.env,$(OFFLOAD_ENV_FILE))
+WITH_DOTENV = $(if $(and $(ENV_FILE),$(wildcard $(ENV_FILE))),$(VENV)/bin/dotenv -f $(ENV_FILE) run --no-override --)
 
 dev: install protos
 	$(WITH_DOTENV) $(VENV)/bin/honcho start -f Procfile --env /dev/null

@@ -17,7 +17,7 @@ from offload import config, logs
 
 def main() -> int:
     try:
-        settings = config.load(ComputeSettings)
+        settings = config.load(ComputeSettings, warn=lambda line: print(f"compute: warning: {line}", file=sys.stderr))
         server = ComputeServer(settings)
     except config.ConfigError as exc:
         for line in exc.lines:

@@ -21,6 +21,7 @@ from compute.settings import ComputeSettings
 from offload.config import ConfigError, import_modules
 
 PREFIX = "OFFLOAD_COMPUTE_"
+BUILTIN_SERVICE = "offload.v1.ComputeService"
 
 
 def operations(settings: ComputeSettings) -> dict[str, Operation]:
@@ -73,9 +74,12 @@ def _unserved(found: dict[str, Operation], settings: ComputeSettings) -> list[st
             continue  # _unknown names it
         for method in service.methods:
             if method.full_name not in found and method.full_name not in settings.unserved_methods:
+                where = (
+                    "compute/operations.py" if service_name == BUILTIN_SERVICE
+                    else f"a module listed in {PREFIX}EXTRA_OPERATION_MODULES (now {settings.extra_operation_modules})"
+                )
                 lines.append(
-                    f"{method.full_name} has no operation: define it with @light/@heavy(\"{method.full_name}\") in a module "
-                    f"listed in {PREFIX}EXTRA_OPERATION_MODULES (now {settings.extra_operation_modules}), "
+                    f"{method.full_name} has no operation: define it with @light/@heavy(\"{method.full_name}\") in {where}, "
                     f"or list it in {PREFIX}UNSERVED_METHODS to serve {service_name} without it"
                 )
     return lines

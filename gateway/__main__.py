@@ -1,13 +1,14 @@
 """`python -m gateway`: N stateless uvicorn workers, each running `create_app()`.
 
-The launcher prepares what must exist before any worker starts: a fresh
-PROMETHEUS_MULTIPROC_DIR (prometheus_client picks its storage when first imported, so the
-variable is set before uvicorn spawns workers, and before this module imports anything that
-imports prometheus_client: with one worker, uvicorn runs the app in this process; removed at exit). Body size is enforced by the
-app while reading (413 for chunked bodies too), so no proxy is needed for that.
+Before any worker starts, the launcher
+- checks the settings, the proto modules and their routes once: a mistake is printed as one
+  line per problem, prefixed `gateway:`, and the exit code is 2;
+- creates a fresh PROMETHEUS_MULTIPROC_DIR, removed at exit. prometheus_client picks its
+  storage when first imported, so nothing this module imports may import it: with one worker,
+  uvicorn runs the app in this very process.
 
-Settings, proto modules and routes are checked here, once, before any worker starts: a mistake
-is printed as one line per problem, prefixed `gateway:`, and the exit code is 2.
+Body size is enforced by the app while reading (413 for chunked bodies too), so no proxy is
+needed for that.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from offload import config, logs
 
 def main() -> int:
     try:
-        settings = config.load(GatewaySettings)
+        settings = config.load(GatewaySettings, warn=lambda line: print(f"gateway: warning: {line}", file=sys.stderr))
         routes_from_settings(settings, Codec())  # checked once, before any worker starts
     except config.ConfigError as exc:
         for line in exc.lines:

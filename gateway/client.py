@@ -96,7 +96,8 @@ class ComputeClient:
         self._unary: dict[str, UnaryMethod] = {}
         self._streams: dict[str, Any] = {}
         self._health: health_pb2_grpc.HealthStub | None = None
-        self._services = sorted({r.service for r in routes})
+        # No routes at all: ask about compute as a whole ("").
+        self._services = sorted({r.service for r in routes}) or [""]
         self._reported_unserved: list[str] = []
 
     async def start(self) -> None:

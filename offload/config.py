@@ -6,7 +6,10 @@ use that, so a developer's own `.env` never leaks into them).
 
 A mistake is reported as the variable's name, the value received, where it came from, and what
 was expected, one line each, never a traceback: `ConfigError.lines`. The entry points print them
-and exit 2. Names under the process's prefix that are not settings (typos) are mistakes too.
+and exit 2. A name under the process's prefix that is not a setting (a typo) is a mistake when it
+comes from the env file, and a warning when only the environment has it: orchestrators inject
+such names themselves (Kubernetes' service links: a Service `offload-compute` gives every pod
+OFFLOAD_COMPUTE_PORT=tcp://...).
 
 List settings take JSON (`["a", "b"]`) or plain comma-separated names (`a,b`), and dict
 settings JSON or `name=value` pairs: both survive shells and dotenv files unchanged.
@@ -18,9 +21,10 @@ import difflib
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from dotenv import dotenv_values
 from pydantic import ValidationError
@@ -45,13 +49,18 @@ def env_file() -> Path | None:
     return Path(name) if name else None
 
 
-def load(cls: type[SettingsT], **overrides: Any) -> SettingsT:
+def load(
+    cls: type[SettingsT], warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr), **overrides: Any
+) -> SettingsT:
     """`cls()` from the environment and the env file; raises ConfigError with one line per mistake."""
     prefix = cls.model_config.get("env_prefix", "")
     path = env_file()
     from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path and path.is_file() else {}
     sources = _Sources(prefix, from_file, path)
-    lines = [_unknown_line(name, sources, cls) for name in sources.names() if _field(name, prefix, cls) is None]
+    lines = []
+    for name in sources.names():
+        if _field(name, prefix, cls) is None:
+            (lines.append if name in sources.file else warn)(_unknown_line(name, sources, cls))
     try:
         settings = cls(_env_file=path if from_file else None, **overrides)
     except ValidationError as exc:
@@ -125,11 +134,15 @@ class _Sources:
     def names(self) -> list[str]:
         return sorted({*self.environ, *self.file})
 
+    def in_file(self, variable: str) -> bool:
+        """The value in effect is the file's (the make targets export the file: same value in both)."""
+        return variable in self.file and self.environ.get(variable, self.file[variable]) == self.file[variable]
+
     def describe(self, variable: str) -> str:
+        if self.in_file(variable):
+            return f"{variable}={self.file[variable]!r} (from {self.path})"
         if variable in self.environ:
             return f"{variable}={self.environ[variable]!r} (from the environment)"
-        if variable in self.file:
-            return f"{variable}={self.file[variable]!r} (from {self.path})"
         return f"{variable} (not set)"
 
 

@@ -30,6 +30,9 @@ _MESSAGE_FIELDS, _MESSAGE_NESTED, _MESSAGE_ENUMS, _MESSAGE_ONEOFS = 2, 3, 4, 8
 _ENUM_VALUES = 2
 _SERVICE_METHODS = 2
 
+# Directories under a root that hold someone else's protos (a venv, vendored packages).
+_SKIPPED = {".venv", "venv", "site-packages", "node_modules", "__pycache__", ".git"}
+
 
 def include_paths() -> list[Path]:
     """offload's protos, googleapis' (google/api/...), and the well-known types of grpcio-tools."""
@@ -48,7 +51,7 @@ def generate(sources: list[Path], out: Path, includes: list[Path] = ()) -> list[
         source = source.resolve()
         if source.is_dir():
             roots.append(source)
-            files += sorted(source.rglob("*.proto"))
+            files += sorted(p for p in source.rglob("*.proto") if not _SKIPPED.intersection(p.relative_to(source).parts[:-1]))
         else:
             files.append(source)
     search = [*dict.fromkeys([*roots, *(p.resolve() for p in includes), *include_paths()])]
@@ -71,6 +74,13 @@ def generate(sources: list[Path], out: Path, includes: list[Path] = ()) -> list[
             raise SystemExit("offload.protogen: protoc failed (its message is above)")
         fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
     for file in fds.file:
+        if file.package and str(Path(file.name).parent) != file.package.replace(".", "/"):
+            module = file.name.removesuffix(".proto").replace("/", ".") + "_pb2"
+            print(
+                f"offload.protogen: warning: {file.name} declares package {file.package}, but its module will be {module}: "
+                f"put it at {file.package.replace('.', '/')}/ under the root (give the root, e.g. .../protos)",
+                file=sys.stderr,
+            )
         target = out / comments_file_name(file.name)
         target.write_text(json.dumps(comments(file), indent=1, sort_keys=True) + "\n")
     return [Path(f.name) for f in fds.file]

@@ -54,9 +54,10 @@ def test_extra_modules_add_to_the_built_ins_and_the_list_itself_replaces_them(en
 
 def test_each_mistake_is_one_line_naming_the_variable_the_value_and_its_source(env_file, monkeypatch):
     # What honcho used to export for a JSON list: its quotes stripped shell-style.
-    env_file.write_text("OFFLOAD_COMPUTE_OPERATION_MODULES=[compute.operations,compute.jobs.operations]\n")
+    env_file.write_text(
+        "OFFLOAD_COMPUTE_OPERATION_MODULES=[compute.operations,compute.jobs.operations]\nOFFLOAD_COMPUTE_POOL_SIZ=4\n"
+    )
     monkeypatch.setenv("OFFLOAD_COMPUTE_POOL_SIZE", "two")
-    monkeypatch.setenv("OFFLOAD_COMPUTE_POOL_SIZ", "4")
     with pytest.raises(config.ConfigError) as caught:
         config.load(ComputeSettings)
     lines = caught.value.lines
@@ -69,6 +70,24 @@ def test_each_mistake_is_one_line_naming_the_variable_the_value_and_its_source(e
     assert "'two' (from the environment)" in size and "valid integer" in size
     typo = by_variable["OFFLOAD_COMPUTE_POOL_SIZ"]
     assert "not a setting" in typo and "did you mean OFFLOAD_COMPUTE_POOL_SIZE?" in typo
+
+
+def test_a_value_the_make_targets_exported_from_the_file_is_reported_as_the_files(env_file, monkeypatch):
+    env_file.write_text("OFFLOAD_COMPUTE_MAX_K=lots\n")
+    monkeypatch.setenv("OFFLOAD_COMPUTE_MAX_K", "lots")  # what `dotenv run` does under make dev
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(ComputeSettings)
+    assert caught.value.lines[0].startswith(f"OFFLOAD_COMPUTE_MAX_K='lots' (from {env_file}): ")
+
+
+def test_an_unknown_name_only_in_the_environment_is_a_warning(env_file, monkeypatch):
+    """Kubernetes injects <SERVICE>_PORT=tcp://... for a Service named offload-compute."""
+    monkeypatch.setenv("OFFLOAD_COMPUTE_PORT", "tcp://10.0.0.1:50051")
+    warnings: list[str] = []
+    settings = config.load(ComputeSettings, warn=warnings.append)
+    assert settings.address == "127.0.0.1:50051"
+    assert len(warnings) == 1
+    assert warnings[0].startswith("OFFLOAD_COMPUTE_PORT='tcp://10.0.0.1:50051' (from the environment): not a setting")
 
 
 def test_a_check_across_settings_is_one_line_too(env_file, monkeypatch):
@@ -95,15 +114,20 @@ def test_a_check_across_settings_is_one_line_too(env_file, monkeypatch):
         ),
         (
             "gateway",
-            {"OFFLOAD_GATEWAY_WORKRES": "2"},
-            "gateway: OFFLOAD_GATEWAY_WORKRES='2' (from the environment): not a setting of this process; "
+            {"file": "OFFLOAD_GATEWAY_WORKRES=2\n"},
+            "gateway: OFFLOAD_GATEWAY_WORKRES='2' (from {file}): not a setting of this process; "
             "did you mean OFFLOAD_GATEWAY_WORKERS?",
         ),
     ],
-    ids=["bad-int", "missing-operation-module", "missing-proto-module", "typo"],
+    ids=["bad-int", "missing-operation-module", "missing-proto-module", "typo-in-file"],
 )
 def test_the_processes_exit_2_with_the_line_and_no_traceback(tmp_path, process, settings, expected):
+    settings = dict(settings)
+    env_path = tmp_path / "settings.env"
+    env_path.write_text(settings.pop("file", ""))
+    expected = expected.replace("{file}", str(env_path))
     env = clean_env(OFFLOAD_COMPUTE_ADDRESS=f"unix:{tmp_path}/c.sock", OFFLOAD_COMPUTE_SHM_DIR=str(tmp_path), **settings)
+    env["OFFLOAD_ENV_FILE"] = str(env_path)
     result = subprocess.run(
         [sys.executable, "-m", process], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
