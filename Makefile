@@ -32,7 +32,7 @@ protos: $(PROTO_STAMP)
 # comments the OpenAPI document shows). Output lands in the `offload` package as
 # offload/v1/*_pb2.py, importable as `offload.v1.compute_pb2` with no path tricks.
 $(PROTO_STAMP): $(PROTOS) offload/protogen.py $(VENV)/.installed
-	rm -rf offload/v1 offload/testing
+	rm -rf offload/v1 offload/testing buf
 	$(PY) -m offload.protogen protos --out .
 	touch $@
 
@@ -67,4 +67,4 @@ lock: install
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra bench --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) offload/v1 offload/testing .pytest_cache
+	rm -rf $(VENV) offload/v1 offload/testing buf .pytest_cache

@@ -28,7 +28,7 @@ from google.rpc import code_pb2, error_details_pb2
 from compute.calls import BoundOperation, CallPath
 from compute.errors import Cancelled, ComputeError, DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
 from compute.metrics import BatchMetrics
-from compute.servicer import retry_after_seconds
+from compute.servicer import status_details
 from offload import context
 from offload.batcher import RESPONSE_TOO_LARGE_FOR_BATCH  # the ErrorInfo reason the client resends on
 from offload.v1 import batching_pb2
@@ -44,10 +44,8 @@ _CODE_VALUES = dict(code_pb2.Code.items())
 def _fail(result: Any, exc: ComputeError) -> None:
     result.status.code = _CODE_VALUES.get(exc.code, code_pb2.UNKNOWN)
     result.status.message = exc.message
-    if isinstance(exc, ResourceExhausted):
-        info = error_details_pb2.RetryInfo()
-        info.retry_delay.seconds = retry_after_seconds(exc)
-        result.status.details.add().Pack(info)
+    for detail in status_details(exc):
+        result.status.details.add().Pack(detail)
 
 
 def _bug(bound: BoundOperation, exc: BaseException, ctx: context.RequestContext) -> Internal:

@@ -2,9 +2,9 @@
 
 `CallPath(operations, metrics)` resolves each registered operation against the proto
 descriptors once at start-up (`bind()` -> `BoundOperation`: request/response classes, metric
-children, whether it runs inline). Then per
+children, whether it runs inline, whether its request type declares constraints). Then per
 call: the readiness gate, the request context bound for log lines, the in-flight registry the
-heartbeat reports from, cheap validation on the loop, admission into the pool (heavy), the
+heartbeat reports from, the proto's constraints (compute/constraints.py), cheap validation on the loop, admission into the pool (heavy), the
 deadline, and the per-method metrics. It raises `ComputeError` (domain errors, and `Internal`
 for a bug, logged here with the request id) or `CancelledError`; turning those into a gRPC
 status is the transport's job (compute/servicer.py, compute/batching.py).
@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
+from compute import constraints
 from compute.errors import ComputeError, DeadlineExceeded, Internal, Unavailable
 from compute.metrics import CallMetrics
 from compute.registry import Kind, Operation
@@ -55,6 +56,8 @@ class BoundOperation:
     # Answered on the loop without awaiting (a plain `def` @light): microseconds, never blocks
     # on pool work or I/O. Only these are worth batching.
     inline: bool
+    # The request type (or a message in it) declares buf.validate constraints: checked per call.
+    constrained: bool
     latency: Any  # the Histogram child of this method
 
 
@@ -79,6 +82,7 @@ def bind(op: Operation, metrics: CallMetrics) -> BoundOperation:
         request_cls=message_factory.GetMessageClass(method.input_type),
         response_cls=message_factory.GetMessageClass(method.output_type),
         inline=inline,
+        constrained=constraints.has_rules(method.input_type),
         latency=metrics.seconds.labels(short),
     )
 
@@ -115,6 +119,8 @@ class CallPath:
         """Serve an inline operation (`bound.inline`) synchronously."""
         with _Served(self, bound, ctx, deadline):
             self._admit(deadline)
+            if bound.constrained:
+                constraints.check(request)
             return bound.op.fn(request, self._runtime)
 
     async def answer(self, bound: BoundOperation, request: Any, ctx: context.RequestContext, deadline: float | None) -> Any:
@@ -125,6 +131,8 @@ class CallPath:
         """
         with _Served(self, bound, ctx, deadline):
             self._admit(deadline)
+            if bound.constrained:
+                constraints.check(request)
             runtime = self._runtime
             op = bound.op
             if op.kind is Kind.LIGHT:
@@ -143,6 +151,8 @@ class CallPath:
         """The messages of a server-streaming operation, with the same gate, errors and metrics."""
         with _Served(self, bound, ctx, deadline):
             self._admit(deadline)
+            if bound.constrained:
+                constraints.check(request)
             async for message in bound.op.fn(request, self._runtime):
                 yield message
 

@@ -17,7 +17,16 @@ class ComputeError(Exception):
 
 
 class InvalidArgument(ComputeError):
+    """`field_violations`: (field path, description) pairs, sent as google.rpc.BadRequest."""
+
     code = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, field_violations: list[tuple[str, str]] | tuple = ()) -> None:
+        super().__init__(message)
+        self.field_violations = list(field_violations)
+
+    def __reduce__(self):  # keep the violations across pickling (raised in pool workers)
+        return (type(self), (self.message, self.field_violations))
 
 
 class NotFound(ComputeError):

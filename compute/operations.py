@@ -25,20 +25,22 @@ SERVICE = "offload.v1.ComputeService"
 
 @light(f"{SERVICE}.GetItem")
 def get_item(request: compute_pb2.GetItemRequest, runtime: Runtime) -> compute_pb2.Item:
-    if not request.id:
-        raise InvalidArgument("id is required")
-    if len(request.id.encode("utf-8")) > MAX_ID_BYTES:
-        raise InvalidArgument(f"id is longer than {MAX_ID_BYTES} bytes")
-    row = runtime.table.row_of(request.id)
+    # The proto bounds the id (1..256 characters); an id of more bytes than any stored one
+    # (MAX_ID_BYTES) names no item.
+    row = None if len(request.id.encode("utf-8")) > MAX_ID_BYTES else runtime.table.row_of(request.id)
     if row is None:
         raise NotFound("no item with this id")
     return compute_pb2.Item(id=request.id, vector=runtime.table.vectors[row].tolist())
 
 
+def check_k(k: int, max_k: int, field: str = "k") -> None:
+    if k > max_k:
+        raise InvalidArgument(f"{field} must be at most {max_k} (max_k)", field_violations=[(field, f"must be at most {max_k}")])
+
+
 def validate_search(request: search_pb2.SearchRequest, runtime: Runtime) -> None:
     """Cheap checks on the loop, so bad input never takes a pool slot."""
-    if not 1 <= request.k <= runtime.settings.max_k:
-        raise InvalidArgument(f"k must be between 1 and {runtime.settings.max_k}")
+    check_k(request.k, runtime.settings.max_k)  # 1..1000: the proto; max_k: this compute
     normalised_query(request.vector, runtime.table.dim)
 
 

@@ -15,10 +15,15 @@ from collections import defaultdict
 from typing import Any, AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from compute.calls import BoundOperation, CallPath
-from compute.errors import ComputeError, ResourceExhausted
+from compute.errors import ComputeError, InvalidArgument, ResourceExhausted
 from offload import context
+
+GRPC_DETAILS_KEY = "grpc-status-details-bin"
+_CODE_VALUES = dict(code_pb2.Code.items())
 
 
 def request_context(grpc_context: grpc.aio.ServicerContext) -> context.RequestContext:
@@ -39,11 +44,33 @@ def retry_after_seconds(exc: ResourceExhausted) -> int:
     return max(1, math.ceil(exc.retry_after))
 
 
+def status_details(exc: ComputeError) -> list[Message]:
+    """The google.rpc error details of a domain error: RetryInfo, BadRequest."""
+    if isinstance(exc, ResourceExhausted):
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.seconds = retry_after_seconds(exc)
+        return [info]
+    if isinstance(exc, InvalidArgument) and exc.field_violations:
+        violation = error_details_pb2.BadRequest.FieldViolation
+        return [error_details_pb2.BadRequest(field_violations=[violation(field=f, description=d) for f, d in exc.field_violations])]
+    return []
+
+
 async def abort(grpc_context: grpc.aio.ServicerContext, exc: ComputeError, request_id: str) -> None:
-    """The one mapping from domain errors to a gRPC status. Raises (ends the RPC)."""
+    """The one mapping from domain errors to a gRPC status. Raises (ends the RPC).
+
+    Details go the standard way (`grpc-status-details-bin`: a google.rpc.Status, what
+    grpcio-status reads); RESOURCE_EXHAUSTED also gets a plain `retry-after` trailer.
+    """
     trailers = [(context.REQUEST_ID_HEADER, request_id)]
     if isinstance(exc, ResourceExhausted):
         trailers.append(("retry-after", str(retry_after_seconds(exc))))
+    details = status_details(exc)
+    if details:
+        status = status_pb2.Status(code=_CODE_VALUES[exc.code], message=exc.message)
+        for detail in details:
+            status.details.add().Pack(detail)
+        trailers.append((GRPC_DETAILS_KEY, status.SerializeToString()))
     await grpc_context.abort(getattr(grpc.StatusCode, exc.code), exc.message, tuple(trailers))
 
 

@@ -80,7 +80,7 @@ class ComputeSettings(BaseSettings):
     pool_jobs_yield_seconds: float = Field(
         1.0, ge=0, description="While interactive heavy calls arrived this recently, job chunks leave them one worker"
     )
-    max_k: int = Field(1000, ge=1, description="Largest k for Search")
+    max_k: int = Field(1000, ge=1, le=1000, description="Largest k for Search (at most the protos' bound, 1000)")
     search_chunk_rows: int = Field(32768, ge=256, description="Rows scanned between cancellation checks")
     rebuild_backoff_seconds: float = Field(0.2, gt=0, description="First delay before re-rebuilding a crashing pool")
     rebuild_backoff_max_seconds: float = Field(30.0, gt=0, description="Cap of that delay (doubles per crash)")

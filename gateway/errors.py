@@ -50,6 +50,8 @@ _FIXED_MESSAGES = {
     grpc.StatusCode.DATA_LOSS: "internal error",
 }
 
+BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
+
 # What grpc itself answers for a method the server has no handler for.
 _GRPC_METHOD_NOT_FOUND = "Method not found!"
 
@@ -70,21 +72,35 @@ _STATUS_NAMES = {
 class ApiError(Exception):
     """An error response: HTTP status, google.rpc status name, client-safe message."""
 
-    def __init__(self, http_status: int, status: str, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        http_status: int,
+        status: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        field_violations: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.status = status
         self.message = message
         self.headers = headers or []
+        self.field_violations = field_violations or []
 
     @classmethod
     def http(cls, http_status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> "ApiError":
         return cls(http_status, _STATUS_NAMES.get(http_status, "UNKNOWN"), message, headers)
 
     def body(self, request_id: str) -> bytes:
-        return orjson.dumps(
-            {"error": {"code": self.http_status, "status": self.status, "message": self.message, "request_id": request_id}}
-        )
+        error: dict = {"code": self.http_status, "status": self.status, "message": self.message, "request_id": request_id}
+        if self.field_violations:
+            error["details"] = [
+                {
+                    "@type": BAD_REQUEST_TYPE,
+                    "fieldViolations": [{"field": f, "description": d} for f, d in self.field_violations],
+                }
+            ]
+        return orjson.dumps({"error": error})
 
 
 def http_status_for(code: grpc.StatusCode) -> int:
@@ -108,7 +124,7 @@ def from_call_error(exc: CallError) -> ApiError:
     status = http_status_for(code)
     if status >= 500:
         log.warning("compute call failed", extra={"grpc_code": code.name, "grpc_detail": (exc.message or "")[:_MAX_MESSAGE]})
-    return ApiError(status, code.name, message, headers)
+    return ApiError(status, code.name, message, headers, exc.field_violations)
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:

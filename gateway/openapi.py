@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor as FD
 
+from gateway import constraints
 from gateway.json_codec import is_map
 from gateway.proto_docs import ProtoDocs
 from gateway.transcoding import Route, resolve_field
@@ -79,23 +80,48 @@ class SchemaBuilder:
         return {"$ref": f"#/components/schemas/{name}"}
 
     def message(self, desc: Descriptor, exclude: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-        properties = {f.json_name: self.described_field(f) for f in desc.fields if f.name not in exclude}
+        fields = [f for f in desc.fields if f.name not in exclude]
+        properties = {f.json_name: self.described_field(f) for f in fields}
         schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+        required = [f.json_name for f in fields if constraints.is_required(f)]
+        if required:
+            schema["required"] = required
+        one_of = constraints.required_oneofs(desc)
+        if len(one_of) == 1:
+            schema["oneOf"] = [{"required": [name]} for name in one_of[0]]
+        elif one_of:
+            schema["allOf"] = [{"oneOf": [{"required": [name]} for name in members]} for members in one_of]
         oneofs = [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))]
+        required_oneofs = {tuple(members) for members in one_of}
         notes = [self.docs.of(desc)] + [
-            f"At most one of {', '.join(f.json_name for f in o.fields)} ({o.name})." for o in oneofs
+            f"{'Exactly' if tuple(f.json_name for f in o.fields) in required_oneofs else 'At most'} one of "
+            f"{', '.join(f.json_name for f in o.fields)} ({o.name})."
+            for o in oneofs
         ]
         if any(notes):
             schema["description"] = "\n\n".join(note for note in notes if note)
         return schema
 
     def described_field(self, f: FD) -> dict[str, Any]:
-        """The field's schema with its proto comment as description."""
-        schema = self.field(f)
+        """The field's schema with its declared constraints, and its proto comment as description."""
+        schema = self.constrained_field(f)
         comment = self.docs.of(f)
         if comment:
             schema = {**schema, "description": comment}
         return schema
+
+    def constrained_field(self, f: FD) -> dict[str, Any]:
+        """The field's schema with its buf.validate rules as JSON Schema keywords."""
+        schema = self.field(f)
+        if is_map(f) or f.is_repeated:
+            outer, element = constraints.list_keywords(f)
+            schema = {**schema, **outer}
+            inner = "additionalProperties" if is_map(f) else "items"
+            if element and "$ref" not in schema[inner]:
+                schema[inner] = {**schema[inner], **element}
+            return schema
+        keywords = constraints.value_keywords(f, constraints.field_rules(f))
+        return {**schema, **keywords} if keywords else schema
 
     def field(self, f: FD) -> dict[str, Any]:
         if is_map(f):
@@ -143,6 +169,25 @@ def build_openapi(routes: list[Route], title: str = "offload", version: str = "v
                         "status": {"type": "string", "description": "google.rpc.Code name, e.g. NOT_FOUND"},
                         "message": {"type": "string"},
                         "request_id": {"type": "string"},
+                        "details": {
+                            "type": "array",
+                            "description": "google.rpc error details; INVALID_ARGUMENT from a declared constraint "
+                            "carries a google.rpc.BadRequest with one entry per field at fault",
+                            "items": {
+                                "type": "object",
+                                "required": ["@type"],
+                                "properties": {
+                                    "@type": {"type": "string", "example": "type.googleapis.com/google.rpc.BadRequest"},
+                                    "fieldViolations": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {"field": {"type": "string"}, "description": {"type": "string"}},
+                                        },
+                                    },
+                                },
+                            },
+                        },
                     },
                 }
             },
@@ -163,12 +208,14 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
         chain = resolve_field(route.request_type, var.field_path)
         assert chain is not None
         parameters.append(_described(
-            {"name": var.name, "in": "path", "required": True, "schema": schemas.field(chain[-1])}, schemas.docs.of(chain[-1])
+            {"name": var.name, "in": "path", "required": True, "schema": schemas.constrained_field(chain[-1])},
+            schemas.docs.of(chain[-1]),
         ))
     for dotted, chain in route.query_fields():
-        schema = schemas.field(chain[-1])
+        schema = schemas.constrained_field(chain[-1])
+        required = all(constraints.is_required(f) for f in chain)
         param: dict[str, Any] = _described(
-            {"name": dotted, "in": "query", "required": False, "schema": schema}, schemas.docs.of(chain[-1])
+            {"name": dotted, "in": "query", "required": required, "schema": schema}, schemas.docs.of(chain[-1])
         )
         if chain[-1].is_repeated:
             param.update(style="form", explode=True)
@@ -199,12 +246,17 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
         "parameters": parameters,
     }
     if route.body:
+        top = {v.field_path[0] for v in route.path.variables if len(v.field_path) == 1}
         if route.body == "*":
-            top = {v.field_path[0] for v in route.path.variables if len(v.field_path) == 1}
             schema = schemas.message(route.request_type, exclude=top) if top else schemas.ref(route.request_type)
         else:
             schema = schemas.described_field(route.body_field)  # type: ignore[arg-type]
-        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": schema}}}
+        body_message = route.request_type if route.body == "*" else None
+        needed = body_message is not None and (
+            any(constraints.is_required(f) for f in body_message.fields if f.name not in top)
+            or bool(constraints.required_oneofs(body_message))
+        )
+        operation["requestBody"] = {"required": needed, "content": {"application/json": {"schema": schema}}}
     request_id_header = {"X-Request-ID": {"schema": {"type": "string"}}}
     if route.streaming:
         success = {

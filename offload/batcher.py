@@ -15,7 +15,8 @@ import logging
 from typing import Any, Protocol
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from offload.v1 import batching_pb2
 
@@ -29,21 +30,32 @@ BATCH_REFUSED = "BATCH_REFUSED"
 # Bytes a call adds to a DispatchRequest besides its strings and payload (tags, lengths, timeout).
 _CALL_FRAMING = 32
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# Where a plain call's google.rpc.Status travels (the gRPC convention grpcio-status reads).
+GRPC_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class CallError(grpc.RpcError):
     """A call that did not succeed, batched or not: the status a unary call would have had.
 
     Read like a failed grpc.aio call: `code()`, `details()`; plus `retry_after` (seconds, when
-    the server asked the caller to wait) and `reason` (a google.rpc.ErrorInfo reason).
+    the server asked the caller to wait), `reason` (a google.rpc.ErrorInfo reason) and
+    `field_violations` (a google.rpc.BadRequest's (field, description) pairs).
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None, reason: str = "") -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        retry_after: float | None = None,
+        reason: str = "",
+        field_violations: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self._code = code
         self.message = message
         self.retry_after = retry_after
         self.reason = reason
+        self.field_violations = field_violations or []  # google.rpc.BadRequest: (field, description)
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -56,19 +68,28 @@ class CallError(grpc.RpcError):
 
     @classmethod
     def from_rpc_error(cls, exc: grpc.aio.AioRpcError) -> "CallError":
-        retry_after = None
+        """From a failed plain call: its code and message, and the rich status in its trailers."""
+        retry_after, details = None, None
         for key, value in exc.trailing_metadata() or ():
             if key == "retry-after":
                 try:
                     retry_after = float(value)
                 except (TypeError, ValueError):
                     pass
+            elif key == GRPC_DETAILS_KEY and isinstance(value, bytes):
+                try:
+                    details = status_pb2.Status.FromString(value)
+                except DecodeError:
+                    pass
+        if details is not None:
+            rich = cls.from_status(details)
+            return cls(exc.code(), exc.details() or "", retry_after or rich.retry_after, rich.reason, rich.field_violations)
         return cls(exc.code(), exc.details() or "", retry_after)
 
     @classmethod
     def from_status(cls, status: Any) -> "CallError":
         """From a google.rpc.Status (a batched call's result)."""
-        retry_after, reason = None, ""
+        retry_after, reason, violations = None, "", []
         for detail in status.details:
             if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
@@ -78,7 +99,11 @@ class CallError(grpc.RpcError):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 reason = info.reason
-        return cls(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message, retry_after, reason)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations += [(v.field, v.description) for v in bad.field_violations]
+        return cls(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message, retry_after, reason, violations)
 
 
 class BatchObserver(Protocol):

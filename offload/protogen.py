@@ -5,8 +5,8 @@
 
 Each argument is a proto root (every .proto under it is compiled, imports resolve from it) or
 one .proto file inside a root given with -I. offload's own protos and googleapis are always on
-the include path, so your files can import "google/api/annotations.proto" and
-"offload/v1/http_options.proto". Output: `*_pb2.py`, `*_pb2.pyi`, `*_pb2_grpc.py` (pinned
+the include path, and so is "buf/validate/validate.proto" (protovalidate's constraints, taken
+from the pinned protovalidate package), so your files can import those too. Output: `*_pb2.py`, `*_pb2.pyi`, `*_pb2_grpc.py` (pinned
 grpcio-tools, matching the protobuf runtime) and, per file, `<name>.comments.json`: the
 proto comments by full name, which the gateway turns into OpenAPI descriptions (the generated
 Python keeps no comments).
@@ -42,8 +42,28 @@ def include_paths() -> list[Path]:
     return [OFFLOAD_PROTOS, Path(annotations.__file__).parents[2], Path(grpc_tools.__file__).parent / "_proto"]
 
 
+def validate_descriptor_set(path: Path) -> None:
+    """Write buf/validate/validate.proto, with its imports, as a FileDescriptorSet for protoc.
+
+    The protovalidate package ships the file compiled, not as source: its descriptor is the
+    contract its validator enforces, so protoc reads exactly that one (--descriptor_set_in).
+    """
+    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
+    from protovalidate._gen.buf.validate import validate_pb  # the compiled file; no public accessor
+
+    files = descriptor_pb2.FileDescriptorSet()
+    for module in (descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2):
+        module.DESCRIPTOR.CopyToProto(files.file.add())
+    files.file.add().MergeFromString(validate_pb._DESC.proto.to_binary())
+    path.write_bytes(files.SerializeToString())
+
+
 def generate(sources: list[Path], out: Path, includes: list[Path] = ()) -> list[Path]:  # type: ignore[assignment]
-    """Compile; returns the .proto files compiled (relative to their root)."""
+    """Compile; returns the .proto files compiled (relative to their root).
+
+    Compiling offload's own protos also generates `buf/validate/validate_pb2.py` (what the
+    generated code of any annotated file imports) into `out`.
+    """
     from grpc_tools import protoc
 
     roots, files = [], []
@@ -60,20 +80,26 @@ def generate(sources: list[Path], out: Path, includes: list[Path] = ()) -> list[
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         descriptor_set = Path(tmp) / "set.binpb"
+        validate_set = Path(tmp) / "validate.binpb"
+        validate_descriptor_set(validate_set)
+        own = OFFLOAD_PROTOS.resolve() in roots
         args = [
             "protoc",
+            f"--descriptor_set_in={validate_set}",
             *(f"-I{p}" for p in search),
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
             f"--descriptor_set_out={descriptor_set}",
             "--include_source_info",
+            *(["buf/validate/validate.proto"] if own else []),
             *map(str, files),
         ]
         if protoc.main(args) != 0:
             raise SystemExit("offload.protogen: protoc failed (its message is above)")
         fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
-    for file in fds.file:
+    compiled = [f for f in fds.file if f.name != "buf/validate/validate.proto"]
+    for file in compiled:
         if file.package and str(Path(file.name).parent) != file.package.replace(".", "/"):
             module = file.name.removesuffix(".proto").replace("/", ".") + "_pb2"
             print(
@@ -83,7 +109,7 @@ def generate(sources: list[Path], out: Path, includes: list[Path] = ()) -> list[
             )
         target = out / comments_file_name(file.name)
         target.write_text(json.dumps(comments(file), indent=1, sort_keys=True) + "\n")
-    return [Path(f.name) for f in fds.file]
+    return [Path(f.name) for f in compiled]
 
 
 def comments_file_name(proto_name: str) -> str:

@@ -52,7 +52,7 @@ def scratch_checkout(target: Path) -> Path:
     """A copy of this checkout's working tree (mtimes kept, so make rebuilds nothing), sharing its venv."""
     target.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("compute", "gateway", "offload", "protos"):
+    for name in ("compute", "gateway", "offload", "protos", "buf"):
         shutil.copytree(ROOT / name, target / name, ignore=ignore)
     for name in ("Makefile", "Procfile", "requirements.lock", "pyproject.toml"):
         shutil.copy2(ROOT / name, target / name)

@@ -16,6 +16,7 @@ import numpy as np
 
 from compute.errors import InvalidArgument
 from compute.jobs.types import Chunk, job_type
+from compute.operations import check_k
 from compute.search import top_k_batch
 from compute.table import MAX_ID_BYTES, EmbeddingTable
 from offload.v1 import jobs_pb2, search_pb2
@@ -46,8 +47,7 @@ def search_chunk(chunk: SearchChunk, task: "TaskContext") -> bytes:
 @job_type("batch_search", chunk=search_chunk)
 def plan_batch_search(spec: jobs_pb2.BatchSearchSpec, runtime: "Runtime") -> list[Chunk]:
     settings = runtime.settings
-    if not 1 <= spec.k <= settings.max_k:
-        raise InvalidArgument(f"k must be between 1 and {settings.max_k}")
+    check_k(spec.k, settings.max_k, "batch_search.k")
     if bool(spec.vectors) == bool(spec.item_ids):
         raise InvalidArgument("set exactly one of vectors or item_ids")
     count = len(spec.vectors) or len(spec.item_ids)

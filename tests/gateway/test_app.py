@@ -51,7 +51,8 @@ def test_openapi_is_generated_from_the_descriptors(client):
     item = paths["/v1/items/{id}"]["get"]
     assert item["operationId"] == "ComputeService_GetItem"
     assert {
-        "name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": 'The item\'s id, e.g. "item-42".'
+        "name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+        "description": 'The item\'s id, e.g. "item-42".',
     } in item["parameters"]
     assert item["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/offload.v1.Item"}
     for code in ("400", "404", "429", "500", "501", "503", "504"):

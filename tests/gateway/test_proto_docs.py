@@ -92,4 +92,4 @@ def test_openapi_descriptions_come_from_the_proto_comments():
     color = parameters["color"]["schema"]
     assert color["x-enum-descriptions"] == {"RED": "The colour of stop.", "GREEN": "The colour of go."}
     search = schemas["offload.v1.SearchRequest"]["properties"]
-    assert search["k"]["description"] == "Number of hits, 1..max_k (a compute setting)."
+    assert search["k"]["description"] == "Number of hits, 1..1000, and at most compute's max_k setting."

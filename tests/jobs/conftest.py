@@ -9,7 +9,7 @@ import pytest
 from compute.table import EmbeddingTable
 from tests.conftest import ComputeLauncher, ComputeProcess
 
-SHARED_SETTINGS = {"rows": 2000, "dim": 16, "jobs_chunk_queries": 8, "jobs_max_queries": 500}
+SHARED_SETTINGS = {"rows": 2000, "dim": 16, "jobs_chunk_queries": 8, "jobs_max_queries": 500, "max_k": 500}
 
 
 @pytest.fixture(scope="module")
