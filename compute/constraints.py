@@ -53,9 +53,10 @@ def check(request: Any) -> None:
 
 
 def field_path(path: Any) -> str:
-    """'vector[3]', 'batch_search.item_ids[0]', 'counts["x"]': the path of the field at fault."""
+    """'vector[3]', 'batch_search.item_ids[0]', 'counts["x"]': the path of the field at fault
+    ("" for a rule on the message itself)."""
     out = ""
-    for element in path.elements:
+    for element in path.elements if path is not None else ():
         out += ("." if out else "") + element.field_name
         subscript = element.subscript
         if subscript is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import ApiError
@@ -53,7 +53,13 @@ def build_admin(
             body["unserved_services"] = readiness.unserved  # routed here, but compute has no such service
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["admin"], summary="Prometheus metrics of every gateway worker")
+    @app.get(
+        "/metrics",
+        tags=["admin"],
+        summary="Prometheus metrics of every gateway worker",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+    )
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -62,7 +68,10 @@ def build_admin(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         error = ApiError.http(exc.status_code, str(exc.detail) if exc.status_code < 500 else "internal error")
         request_id = request.scope.get("state", {}).get("request_id", "")
-        return Response(error.body(request_id), status_code=exc.status_code, media_type="application/json")
+        # Starlette's own headers (Allow on a 405) are kept.
+        return Response(
+            error.body(request_id), status_code=exc.status_code, media_type="application/json", headers=exc.headers
+        )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -131,7 +131,9 @@ class ComputeClient:
             raise TimeoutHeaderError("X-Request-Timeout must be a number of seconds") from None
         if not value > 0 or value != value:
             raise TimeoutHeaderError("X-Request-Timeout must be a positive number of seconds")
-        return min(value, self._settings.max_timeout_seconds)
+        if value > self._settings.max_timeout_seconds:
+            raise TimeoutHeaderError(f"X-Request-Timeout must be at most {self._settings.max_timeout_seconds:g} seconds")
+        return value
 
     async def readiness(self) -> Readiness:
         """Ask compute's health service about every routed service, at once.

@@ -66,7 +66,7 @@ def value_keywords(field: FD, rules: Any, element: bool = False) -> dict[str, An
     if kind == "repeated" and not element:
         return {}  # handled by list_keywords
     if kind in ("int64", "sint64", "sfixed64") and typed.HasField("gte") and typed.gte >= 0:
-        return {"pattern": "^[0-9]+$"}  # a JSON string: only "not negative" can be said
+        return {"pattern": "^[0-9]{1,18}$"}  # a JSON string: only "not negative" can be said
     if kind in _NUMERIC.values():
         out = {_BOUNDS[name]: getattr(typed, name) for name in _BOUNDS if typed.HasField(name)}
         if typed.HasField("const"):
@@ -122,10 +122,30 @@ def list_keywords(field: FD) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def required_oneofs(message: Descriptor) -> list[list[str]]:
-    """The JSON names of the members of each oneof that must be set."""
+    """The JSON names of the members of each oneof that must be set: declared oneofs with
+    `(buf.validate.oneof).required`, and `(buf.validate.message).oneof` groups of plain fields."""
     found = []
     for oneof in message.oneofs:
         options = oneof.GetOptions()
         if options.HasExtension(validate_pb2.oneof) and options.Extensions[validate_pb2.oneof].required:
             found.append([f.json_name for f in oneof.fields])
+    options = message.GetOptions()
+    if options.HasExtension(validate_pb2.message):
+        for group in options.Extensions[validate_pb2.message].oneof:
+            if group.required:
+                found.append([message.fields_by_name[name].json_name for name in group.fields])
     return found
+
+
+def set_keywords(message: Descriptor, json_name: str) -> dict[str, Any]:
+    """What "this field is set" means in JSON: present, and for a list or a string, not empty."""
+    field = next(f for f in message.fields if f.json_name == json_name)
+    if field.is_repeated:
+        return {"properties": {json_name: {"minItems": 1}}} if not _is_map(field) else {"properties": {json_name: {"minProperties": 1}}}
+    if field.type == FD.TYPE_STRING and not field.has_presence:
+        return {"properties": {json_name: {"minLength": 1}}}
+    return {}
+
+
+def _is_map(field: FD) -> bool:
+    return field.type == FD.TYPE_MESSAGE and field.message_type.GetOptions().map_entry

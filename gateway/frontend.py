@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from starlette.middleware.cors import CORSMiddleware
+
 from gateway.endpoints import serve_unary
 from gateway.errors import ApiError
 from gateway.http import ClientDisconnected, Receive, Send, parse_headers, send_error
@@ -55,6 +57,17 @@ class RestFrontend:
         self._by_method: dict[str, list[Route]] = {}
         for route in routes:
             self._by_method.setdefault(route.http_method, []).append(route)
+        # Browser clients: Starlette's CORS middleware around the dispatch, only when configured.
+        self._cors = None
+        if settings.cors_allow_origins:
+            self._cors = CORSMiddleware(
+                self._dispatch,
+                allow_origins=settings.cors_allow_origins,
+                allow_methods=sorted({r.http_method for r in routes} | {"GET"}),
+                allow_headers=["content-type", "x-request-id", "x-request-timeout", "last-event-id", "traceparent", "tracestate"],
+                expose_headers=["x-request-id", "retry-after", "location"],
+                max_age=600,
+            )
         # Per-RPC metric children, resolved once (labels() costs a lock and a dict lookup).
         self._latency = {r.full_method: metrics.latency.labels(r.name) for r in routes}
         self._counts: dict[tuple[str, int], Any] = {}  # (rpc, status) -> counter child, filled as seen
@@ -63,6 +76,29 @@ class RestFrontend:
         if scope["type"] != "http":
             await self.fallback(scope, receive, send)
             return
+        too_big = self._too_big(scope)
+        if too_big is not None:  # before any parsing or routing: no work for oversized requests
+            await send_error(send, too_big, context.new_request_id())
+            return
+        if self._cors is not None:
+            await self._cors(scope, receive, send)
+        else:
+            await self._dispatch(scope, receive, send)
+
+    def _too_big(self, scope: dict[str, Any]) -> ApiError | None:
+        """431 for too many or too large headers, 414 for a too long URL (uvicorn's httptools
+        parser sets no limit on either)."""
+        headers = scope["headers"]
+        s = self.settings
+        if len(headers) > s.max_headers:
+            return ApiError.http(431, f"too many request headers (at most {s.max_headers})")
+        if sum(len(name) + len(value) for name, value in headers) > s.max_header_bytes:
+            return ApiError.http(431, f"request headers larger than {s.max_header_bytes} bytes")
+        if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > s.max_url_bytes:
+            return ApiError.http(414, f"URL longer than {s.max_url_bytes} bytes")
+        return None
+
+    async def _dispatch(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         route, values = self._match(scope["method"], raw_path)
         try:
@@ -124,7 +160,10 @@ class RestFrontend:
                                            "status": status, "seconds": round(elapsed, 6)})
 
     async def _fallback(self, scope: dict[str, Any], receive: Receive, send: Send, request_id: str, raw_path: str) -> None:
-        allowed = sorted({r.http_method for r in self.routes if r.path.match(raw_path) is not None})
+        matching = [r for r in self.routes if r.path.match(raw_path) is not None]
+        if any(r.path.verb for r in matching):  # "/v1/jobs/7:cancel" is the custom method's path
+            matching = [r for r in matching if r.path.verb]
+        allowed = sorted({r.http_method for r in matching})
         if allowed:
             error = ApiError(405, "UNIMPLEMENTED", f"method {scope['method']} not allowed here",
                              [(b"allow", ", ".join(allowed).encode())])

@@ -23,12 +23,15 @@ ERROR_SCHEMA = "offload.Error"
 
 _SCALARS: dict[int, dict[str, Any]] = {
     FD.TYPE_DOUBLE: {"type": "number", "format": "double"},
-    FD.TYPE_FLOAT: {"type": "number", "format": "float"},
-    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"},
-    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"},
-    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"},
-    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": "^[0-9]+$"},
-    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": "^[0-9]+$"},
+    # float32's range: the codec refuses what float32 cannot hold (JSON numbers are doubles).
+    FD.TYPE_FLOAT: {"type": "number", "format": "float", "minimum": -3.4028234663852886e38, "maximum": 3.4028234663852886e38},
+    # 64-bit integers are JSON strings. The pattern keeps them in range by length (18 digits
+    # always fit; 19-digit values up to the limit are accepted too, but not promised).
+    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
+    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
+    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
+    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": "^[0-9]{1,19}$"},
+    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": "^[0-9]{1,19}$"},
     FD.TYPE_INT32: {"type": "integer", "format": "int32"},
     FD.TYPE_SINT32: {"type": "integer", "format": "int32"},
     FD.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
@@ -87,10 +90,11 @@ class SchemaBuilder:
         if required:
             schema["required"] = required
         one_of = constraints.required_oneofs(desc)
-        if len(one_of) == 1:
-            schema["oneOf"] = [{"required": [name]} for name in one_of[0]]
-        elif one_of:
-            schema["allOf"] = [{"oneOf": [{"required": [name]} for name in members]} for members in one_of]
+        choices = [[{"required": [name], **constraints.set_keywords(desc, name)} for name in members] for members in one_of]
+        if len(choices) == 1:
+            schema["oneOf"] = choices[0]
+        elif choices:
+            schema["allOf"] = [{"oneOf": group} for group in choices]
         oneofs = [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))]
         required_oneofs = {tuple(members) for members in one_of}
         notes = [self.docs.of(desc)] + [
@@ -143,13 +147,15 @@ class SchemaBuilder:
         return dict(_SCALARS[f.type])
 
 
-def build_openapi(routes: list[Route], title: str = "offload", version: str = "v1") -> dict[str, Any]:
+def build_openapi(
+    routes: list[Route], title: str = "offload", version: str = "v1", max_timeout_seconds: float = 3600.0
+) -> dict[str, Any]:
     """The OpenAPI document of the generated routes (merge admin routes in separately)."""
     schemas = SchemaBuilder()
     paths: dict[str, Any] = {}
     tags: dict[str, dict[str, Any]] = {}
     for route in routes:
-        operation = _operation(route, schemas)
+        operation = _operation(route, schemas, max_timeout_seconds)
         paths.setdefault(route.path.openapi_path, {})[route.http_method.lower()] = operation
         service = route.method.containing_service
         tag = tags.setdefault(service.name, {"name": service.name})
@@ -202,7 +208,7 @@ def build_openapi(routes: list[Route], title: str = "offload", version: str = "v
     }
 
 
-def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
+def _operation(route: Route, schemas: SchemaBuilder, max_timeout_seconds: float) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = []
     for var in route.path.variables:
         chain = resolve_field(route.request_type, var.field_path)
@@ -221,20 +227,24 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
             param.update(style="form", explode=True)
         parameters.append(param)
     if route.sse is not None and route.sse.resume_from_field:
+        resume = route.request_type.fields_by_name[route.sse.resume_from_field]
+        digits = resume.cpp_type in (FD.CPPTYPE_INT32, FD.CPPTYPE_INT64, FD.CPPTYPE_UINT32, FD.CPPTYPE_UINT64)
         parameters.append(
             {
                 "name": "Last-Event-ID",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string"},
+                "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"} if digits else {"type": "string"},
                 "description": f"Resume after this event id (sets `{route.sse.resume_from_field}`)",
             }
         )
     parameters += [
-        {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 128},
-         "description": "Request id, generated when absent; echoed in the response and in logs"},
-        {"name": "X-Request-Timeout", "in": "header", "required": False, "schema": {"type": "number", "exclusiveMinimum": 0},
-         "description": "Deadline in seconds for this call (clamped to the gateway maximum)"},
+        {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"},
+         "description": "Request id, echoed in the response and in logs. Used as given when it matches "
+                        "^[A-Za-z0-9._:/+=-]{1,128}$; otherwise (or when absent) a generated one is used"},
+        {"name": "X-Request-Timeout", "in": "header", "required": False,
+         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_timeout_seconds},
+         "description": "Deadline in seconds for this call, at most the gateway's maximum"},
     ]
     grpc_line = f"gRPC `{route.full_method}`" + (" (server stream, served as Server-Sent Events)" if route.streaming else "")
     comment = schemas.docs.of(route.method)
@@ -260,9 +270,14 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
     request_id_header = {"X-Request-ID": {"schema": {"type": "string"}}}
     if route.streaming:
         success = {
-            "description": "Server-Sent Events; each `data:` is one JSON message as below",
+            "description": (
+                f"Server-Sent Events. The schema is one event's: its `data` is one JSON "
+                f"`{route.response_type.full_name}`, its `id` the resume point (send it back as "
+                f"Last-Event-ID). An `event: error` event carries an AIP-193 error body as its data and "
+                f"ends the stream. Comment lines (`:`) keep the connection alive."
+            ),
             "headers": request_id_header,
-            "content": {"text/event-stream": {"schema": schemas.ref(route.response_type)}},
+            "content": {"text/event-stream": {"schema": _sse_event(schemas.ref(route.response_type))}},
         }
     else:
         response_schema = schemas.ref(route.response_type)
@@ -284,6 +299,21 @@ def _operation(route: Route, schemas: SchemaBuilder) -> dict[str, Any]:
             responses[code]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
     operation["responses"] = responses
     return operation
+
+
+def _sse_event(data: dict[str, Any]) -> dict[str, Any]:
+    """One Server-Sent Event as clients parse it (OpenAPI 3.2's itemSchema model): `data` is a
+    JSON document, given with JSON Schema's content keywords."""
+    error = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [data, error]}},
+            "event": {"type": "string", "enum": ["message", "error"]},
+            "id": {"type": "string"},
+        },
+    }
 
 
 def _described(parameter: dict[str, Any], comment: str | None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class PathTemplate:
     regex: re.Pattern[str]
     variables: tuple[PathVariable, ...]
     openapi_path: str  # "{var}" per variable, as OpenAPI wants
+    verb: str = ""  # the custom method after ':' ("cancel"), if any
 
     def match(self, raw_path: str) -> dict[str, str] | None:
         """Variable values (percent-decoded) if `raw_path` (still percent-encoded) matches."""
@@ -96,7 +97,7 @@ def parse_template(template: str) -> PathTemplate:
     names = [v.name for v in variables]
     if len(set(names)) != len(names):
         raise RouteError(f"variable bound twice in {template!r}")
-    return PathTemplate(template, regex, tuple(variables), openapi)
+    return PathTemplate(template, regex, tuple(variables), openapi, verb)
 
 
 def _split_segments(text: str, template: str) -> list[str]:

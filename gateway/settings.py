@@ -28,6 +28,12 @@ class GatewaySettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="HTTP listen port")
     workers: int = Field(4, ge=1, description="uvicorn worker processes (each one is stateless)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest HTTP request body (413 beyond)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Most bytes of all request headers together (431 beyond)")
+    max_headers: int = Field(100, ge=8, description="Most request headers (431 beyond)")
+    max_url_bytes: int = Field(8 * 1024, ge=256, description="Longest path + query string (414 beyond)")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        [], description='Origins browsers may call from (CORS), e.g. https://app.example.com or *; empty: CORS off'
+    )
     access_log: bool = Field(False, description="One JSON log line per request (costs ~100 us each)")
     graceful_shutdown_seconds: float = Field(10.0, gt=0, description="On SIGTERM, how long requests may finish")
     log_level: str = Field("INFO", description="Log level")
@@ -45,7 +51,7 @@ class GatewaySettings(BaseSettings):
     )
     default_timeout_seconds: float = Field(30.0, gt=0, description="Deadline of a unary call to compute")
     stream_timeout_seconds: float = Field(3600.0, gt=0, description="Deadline of a server-streaming call (SSE)")
-    max_timeout_seconds: float = Field(3600.0, gt=0, description="Upper clamp of X-Request-Timeout and route timeouts")
+    max_timeout_seconds: float = Field(3600.0, gt=0, description="Largest X-Request-Timeout (400 beyond); route timeouts are clamped to it")
     route_timeouts: Annotated[dict[str, float], NoDecode] = Field(
         {}, description='Per-RPC deadline, by method name or full name, e.g. {"Search": 10} or Search=10'
     )
@@ -76,7 +82,7 @@ class GatewaySettings(BaseSettings):
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
 
-    _names = field_validator("extra_proto_modules", "proto_modules", mode="before")(module_list)
+    _names = field_validator("extra_proto_modules", "proto_modules", "cors_allow_origins", mode="before")(module_list)
     _timeouts = field_validator("route_timeouts", mode="before")(number_map)
 
     @property

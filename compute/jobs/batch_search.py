@@ -48,8 +48,6 @@ def search_chunk(chunk: SearchChunk, task: "TaskContext") -> bytes:
 def plan_batch_search(spec: jobs_pb2.BatchSearchSpec, runtime: "Runtime") -> list[Chunk]:
     settings = runtime.settings
     check_k(spec.k, settings.max_k, "batch_search.k")
-    if bool(spec.vectors) == bool(spec.item_ids):
-        raise InvalidArgument("set exactly one of vectors or item_ids")
     count = len(spec.vectors) or len(spec.item_ids)
     if count > settings.jobs_max_queries:
         raise InvalidArgument(f"a job takes at most {settings.jobs_max_queries} queries")

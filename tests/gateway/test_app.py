@@ -60,7 +60,11 @@ def test_openapi_is_generated_from_the_descriptors(client):
     schemas = doc["components"]["schemas"]
     assert schemas["offload.v1.Item"]["properties"] == {
         "id": {"type": "string"},
-        "vector": {"type": "array", "items": {"type": "number", "format": "float"}, "description": "The unit-length vector (dim values)."},
+        "vector": {
+            "type": "array",
+            "items": {"type": "number", "format": "float", "minimum": -3.4028234663852886e38, "maximum": 3.4028234663852886e38},
+            "description": "The unit-length vector (dim values).",
+        },
     }
     search = paths["/v1/search"]["post"]
     assert search["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/offload.v1.SearchRequest"}
@@ -127,6 +131,7 @@ def test_request_id_is_echoed_or_generated(client):
         ("POST", "/v1/search", {"json": {"vector": [0.5] * 400}}, 413, "larger than 1024"),
         ("GET", "/v1/items/x", {"headers": {"X-Request-Timeout": "soon"}}, 400, "X-Request-Timeout"),
         ("GET", "/v1/items/x", {"headers": {"X-Request-Timeout": "-1"}}, 400, "X-Request-Timeout"),
+        ("GET", "/v1/items/x", {"headers": {"X-Request-Timeout": "3601"}}, 400, "at most 3600 seconds"),
         ("GET", "/v1/items/x", {"params": {"bogus": "1"}}, 400, "unknown query parameter 'bogus'"),
         ("DELETE", "/v1/items/x", {}, 405, "not allowed"),
         ("GET", "/v1/testing/ticks/abc", {}, 400, "'count': expected an integer"),

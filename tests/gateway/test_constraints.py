@@ -104,6 +104,6 @@ def test_openapi_states_the_declared_constraints():
 
     params = {p["name"]: p for p in doc["paths"]["/v1/jobs/{id}/events"]["get"]["parameters"]}
     assert params["id"]["schema"] == {"type": "string", "minLength": 1, "maxLength": 64}
-    assert params["after_sequence"]["schema"]["pattern"] == "^[0-9]+$"  # int64 >= 0, as a JSON string
+    assert params["after_sequence"]["schema"]["pattern"] == "^[0-9]{1,18}$"  # int64 >= 0, as a JSON string
     jobs = {p["name"]: p for p in doc["paths"]["/v1/jobs"]["get"]["parameters"]}
     assert jobs["page_size"]["schema"]["minimum"] == 0

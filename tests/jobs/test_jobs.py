@@ -82,8 +82,8 @@ def _vectors(*rows):
         (jobs_pb2.BatchSearchSpec(k=0, item_ids=["item-1"]), "batch_search.k: value is required"),  # the proto's rules
         (jobs_pb2.BatchSearchSpec(k=1001, item_ids=["item-1"]), "batch_search.k: must be greater than or equal to 1 and less"),
         (jobs_pb2.BatchSearchSpec(k=600, item_ids=["item-1"]), "batch_search.k must be at most 500 (max_k)"),  # compute's
-        (jobs_pb2.BatchSearchSpec(k=3), "exactly one of vectors or item_ids"),
-        (jobs_pb2.BatchSearchSpec(k=3, item_ids=["item-1"], vectors=_vectors([1.0] * 16)), "exactly one of"),
+        (jobs_pb2.BatchSearchSpec(k=3), "batch_search: one of vectors, item_ids must be set"),
+        (jobs_pb2.BatchSearchSpec(k=3, item_ids=["item-1"], vectors=_vectors([1.0] * 16)), "only one of vectors, item_ids can be set"),
         (jobs_pb2.BatchSearchSpec(k=3, vectors=_vectors([1.0] * 16, [1.0] * 15)), "vectors[1] must have 16 values"),
         (jobs_pb2.BatchSearchSpec(k=3, vectors=_vectors([1.0] * 16, [float("nan")] + [1.0] * 15)), "batch_search.vectors[1].values[0]: must be finite"),
         (jobs_pb2.BatchSearchSpec(k=3, vectors=_vectors([float("inf")] * 16)), "batch_search.vectors[0].values[0]: must be finite (and 15 more)"),
