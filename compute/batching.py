@@ -112,7 +112,7 @@ class BatchingServicer:
                 except DecodeError:
                     _fail(results[index], InvalidArgument("the request is not a valid message of this method"))
                     continue
-                ctx = context.from_headers(item.request_id, item.traceparent, item.tracestate)
+                ctx = context.from_headers(item.request_id, item.traceparent, item.tracestate, item.principal)
                 deadline = now + item.timeout.ToNanoseconds() / 1e9 if item.HasField("timeout") else None
                 if not bound.inline:
                     task = asyncio.ensure_future(self._awaited(bound, message, ctx, deadline))

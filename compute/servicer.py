@@ -32,6 +32,7 @@ def request_context(grpc_context: grpc.aio.ServicerContext) -> context.RequestCo
         metadata.get(context.REQUEST_ID_HEADER),
         metadata.get(context.TRACEPARENT_HEADER),
         metadata.get(context.TRACESTATE_HEADER),
+        metadata.get(context.PRINCIPAL_HEADER),
     )
 
 

@@ -20,6 +20,7 @@ import tempfile
 
 import uvicorn
 
+from gateway.auth import KeyRing
 from gateway.json_codec import Codec
 from gateway.settings import GatewaySettings
 from gateway.transcoding import routes_from_settings
@@ -30,6 +31,11 @@ def main() -> int:
     try:
         settings = config.load(GatewaySettings, warn=lambda line: print(f"gateway: warning: {line}", file=sys.stderr))
         routes_from_settings(settings, Codec())  # checked once, before any worker starts
+        if settings.auth_enabled:
+            try:
+                KeyRing(settings.api_keys, settings.api_keys_file)
+            except (ValueError, OSError) as exc:
+                raise config.ConfigError([f"API keys: {exc}"]) from None
     except config.ConfigError as exc:
         for line in exc.lines:
             print(f"gateway: {line}", file=sys.stderr)

@@ -81,7 +81,7 @@ def build_admin(
             merged = dict(generated_openapi)
             merged["paths"] = {**generated_openapi["paths"], **own.get("paths", {})}
             schemas = {**generated_openapi["components"]["schemas"], **own.get("components", {}).get("schemas", {})}
-            merged["components"] = {"schemas": schemas}
+            merged["components"] = {**generated_openapi["components"], "schemas": schemas}
             app.openapi_schema = merged
         return app.openapi_schema
 

@@ -58,7 +58,8 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
             await client.close(grace=1.0)
             worker_exited(os.getpid())
 
-    admin = build_admin(lifespan, metrics, build_openapi(routes, max_timeout_seconds=settings.max_timeout_seconds))
+    document = build_openapi(routes, max_timeout_seconds=settings.max_timeout_seconds, auth=settings.auth_enabled)
+    admin = build_admin(lifespan, metrics, document)
     return RestFrontend(routes, admin, settings, metrics, inflight)
 
 

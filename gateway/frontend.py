@@ -11,12 +11,14 @@ lifespan state, `scope["state"]`, as Starlette apps get it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable
 
 from starlette.middleware.cors import CORSMiddleware
 
+from gateway.auth import ADMIN_SCOPE, Authenticator, KeyRing, RateLimiter, credential_of
 from gateway.endpoints import serve_unary
 from gateway.errors import ApiError
 from gateway.http import ClientDisconnected, Receive, Send, parse_headers, send_error
@@ -57,6 +59,10 @@ class RestFrontend:
         self._by_method: dict[str, list[Route]] = {}
         for route in routes:
             self._by_method.setdefault(route.http_method, []).append(route)
+        # Who may call: API keys, per-route scopes, per-key rate limits (gateway/auth.py).
+        self._auth = Authenticator(KeyRing(settings.api_keys, settings.api_keys_file)) if settings.auth_enabled else None
+        self._rate = RateLimiter(settings.rate_limit, settings.rate_limit_storage_uri) if settings.rate_limit else None
+        self._open_paths = frozenset(["/healthz", *settings.auth_open_paths])
         # Browser clients: Starlette's CORS middleware around the dispatch, only when configured.
         self._cors = None
         if settings.cors_allow_origins:
@@ -107,6 +113,18 @@ class RestFrontend:
             await send_error(send, exc, context.new_request_id())
             return
         ctx = context.from_headers(headers.request_id, headers.traceparent, headers.tracestate)
+        if self._auth is not None and not (route is None and scope["path"] in self._open_paths):
+            try:
+                key = self._auth.principal(credential_of(headers.authorization, headers.api_key))
+                self._auth.authorize(key, route.scopes if route is not None else frozenset([ADMIN_SCOPE]))
+                if self._rate is not None:
+                    await self._rate.check(key.key_id)
+            except ApiError as exc:
+                if route is not None:
+                    self._count(route, exc.http_status)
+                await send_error(send, exc, ctx.request_id)
+                return
+            ctx = dataclasses.replace(ctx, principal=key.key_id)
         with context.bound(ctx):
             if route is None:
                 await self._fallback(scope, receive, send, ctx.request_id, raw_path)
@@ -151,13 +169,16 @@ class RestFrontend:
             self.metrics.inflight.dec()
             elapsed = time.perf_counter() - started
             self._latency[route.full_method].observe(elapsed)
-            counter = self._counts.get((route.name, status))
-            if counter is None:
-                counter = self._counts[(route.name, status)] = self.metrics.requests.labels(route.name, str(status))
-            counter.inc()
+            self._count(route, status)
             if self.settings.access_log:
                 log.info("request", extra={"rpc": route.name, "method": call.scope["method"], "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})
+
+    def _count(self, route: Route, status: int) -> None:
+        counter = self._counts.get((route.name, status))
+        if counter is None:
+            counter = self._counts[(route.name, status)] = self.metrics.requests.labels(route.name, str(status))
+        counter.inc()
 
     async def _fallback(self, scope: dict[str, Any], receive: Receive, send: Send, request_id: str, raw_path: str) -> None:
         matching = [r for r in self.routes if r.path.match(raw_path) is not None]

@@ -30,6 +30,8 @@ class RequestHeaders:
     content_type: str | None = None
     content_length: int | None = None
     last_event_id: str | None = None
+    authorization: str | None = None
+    api_key: str | None = None
 
 
 def parse_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
@@ -53,6 +55,10 @@ def parse_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
                 raise ApiError.http(400, "invalid Content-Length") from None
         elif key == b"last-event-id":
             h.last_event_id = value.decode("latin-1")
+        elif key == b"authorization":
+            h.authorization = value.decode("latin-1")
+        elif key == b"x-api-key":
+            h.api_key = value.decode("latin-1")
     return h
 
 

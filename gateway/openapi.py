@@ -148,7 +148,11 @@ class SchemaBuilder:
 
 
 def build_openapi(
-    routes: list[Route], title: str = "offload", version: str = "v1", max_timeout_seconds: float = 3600.0
+    routes: list[Route],
+    title: str = "offload",
+    version: str = "v1",
+    max_timeout_seconds: float = 3600.0,
+    auth: bool = False,
 ) -> dict[str, Any]:
     """The OpenAPI document of the generated routes (merge admin routes in separately)."""
     schemas = SchemaBuilder()
@@ -156,6 +160,14 @@ def build_openapi(
     tags: dict[str, dict[str, Any]] = {}
     for route in routes:
         operation = _operation(route, schemas, max_timeout_seconds)
+        if auth:
+            operation["security"] = [{"apiKey": []}, {"bearer": []}]
+            operation["x-required-scopes"] = sorted(route.scopes)
+            operation["responses"]["401"] = {"description": "UNAUTHENTICATED: no valid API key", "content": _error_content()}
+            operation["responses"]["403"] = {
+                "description": "PERMISSION_DENIED: the key lacks the scopes " + (", ".join(sorted(route.scopes)) or "(none needed)"),
+                "content": _error_content(),
+            }
         paths.setdefault(route.path.openapi_path, {})[route.http_method.lower()] = operation
         service = route.method.containing_service
         tag = tags.setdefault(service.name, {"name": service.name})
@@ -199,13 +211,19 @@ def build_openapi(
             },
         },
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "tags": list(tags.values()),
         "paths": paths,
         "components": {"schemas": components},
     }
+    if auth:
+        document["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"},
+        }
+    return document
 
 
 def _operation(route: Route, schemas: SchemaBuilder, max_timeout_seconds: float) -> dict[str, Any]:
@@ -299,6 +317,10 @@ def _operation(route: Route, schemas: SchemaBuilder, max_timeout_seconds: float)
             responses[code]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
     operation["responses"] = responses
     return operation
+
+
+def _error_content() -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}}
 
 
 def _sse_event(data: dict[str, Any]) -> dict[str, Any]:

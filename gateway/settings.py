@@ -8,12 +8,13 @@ Build it with `offload.config.load(GatewaySettings)`: mistakes come back one lin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from offload.addresses import is_loopback
+from gateway.auth import parse_entry
 from offload.config import module_list, number_map
 
 BUILTIN_PROTO_MODULES = ["offload.v1.compute_pb2"]
@@ -71,6 +72,23 @@ class GatewaySettings(BaseSettings):
     readiness_timeout_seconds: float = Field(1.0, gt=0, description="Deadline of the health check behind /readyz")
     sse_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent after this much silence")
 
+    # -- who may call (gateway/auth.py) ------------------------------------------------------
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys required: auto = when listening beyond loopback; on; off (trusted networks only)"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [], description="API keys, hashed: key_id:sha256-hex:scope,scope (python -m gateway.auth new makes one)"
+    )
+    api_keys_file: Path | None = Field(None, description="More API key entries, one per line; re-read when it changes")
+    auth_open_paths: Annotated[list[str], NoDecode] = Field(
+        ["/readyz", "/metrics", "/docs", "/openapi.json"],
+        description="Admin paths served without a key (/healthz always is); the others need the admin scope",
+    )
+    rate_limit: str = Field("", description="Per API key, e.g. 100/second or 5000/hour (the limits library); empty: none")
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="Rate-limit counters: memory:// (per worker) or redis://host:6379 (shared)"
+    )
+
     # -- TLS to compute (required for a non-loopback compute address) ----------------------
     tls_ca_file: Path | None = Field(None, description="CA bundle that signed compute's certificate; enables TLS")
     tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for mTLS")
@@ -82,7 +100,13 @@ class GatewaySettings(BaseSettings):
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
 
-    _names = field_validator("extra_proto_modules", "proto_modules", "cors_allow_origins", mode="before")(module_list)
+    _names = field_validator(
+        "extra_proto_modules", "proto_modules", "cors_allow_origins", "api_keys", "auth_open_paths", mode="before"
+    )(module_list)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and not is_loopback(f"{self.host}:0"))
     _timeouts = field_validator("route_timeouts", mode="before")(number_map)
 
     @property
@@ -104,6 +128,22 @@ class GatewaySettings(BaseSettings):
             raise ValueError("stall_threshold must be larger than heartbeat_interval")
         if self.default_timeout_seconds > self.max_timeout_seconds:
             raise ValueError("default_timeout_seconds exceeds max_timeout_seconds")
+        if self.auth_enabled and not self.api_keys and self.api_keys_file is None:
+            raise ValueError(
+                f"refusing to serve on {self.host!r} without API keys: set OFFLOAD_GATEWAY_API_KEYS or "
+                "OFFLOAD_GATEWAY_API_KEYS_FILE (python -m gateway.auth new makes a key), or OFFLOAD_GATEWAY_AUTH=off"
+            )
+        for entry in self.api_keys:
+            parse_entry(entry)  # its ValueError says what is wrong, never echoing the hash
+        if self.rate_limit and not self.auth_enabled:
+            raise ValueError("rate_limit counts per API key: it needs authentication (OFFLOAD_GATEWAY_AUTH=on, and keys)")
+        if self.rate_limit:
+            from limits import parse
+
+            try:
+                parse(self.rate_limit)
+            except ValueError:
+                raise ValueError(f"rate_limit {self.rate_limit!r}: expected e.g. 100/second or 5000/hour") from None
         return self
 
     def route_timeout(self, method_name: str, full_name: str, streaming: bool) -> float:

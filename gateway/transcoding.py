@@ -75,6 +75,7 @@ class Route:
     decode_request: Callable[[Any, str], Message] = dc_field(repr=False)
     encode_response: Callable[[Message], Any] = dc_field(repr=False)
     binder: RequestBinder = dc_field(repr=False)
+    scopes: frozenset[str] = dc_field(repr=False)  # (offload.v1.auth).scopes: what an API key needs
 
     @classmethod
     def build(
@@ -154,6 +155,7 @@ class Route:
             decode_request=decode_request,
             encode_response=codec.encoder(response_type),
             binder=RequestBinder(request_type, body, path_chains, extra_fields, decode_request),
+            scopes=_scopes(method),
         )
 
     @property
@@ -233,6 +235,13 @@ def load_routes(module_names: list[str], codec: Codec) -> list[Route]:
             raise RouteError(f"{route.full_method} and {seen[key]} both bind {route.http_method} {route.path.template}")
         seen[key] = route.full_method
     return routes
+
+
+def _scopes(method: MethodDescriptor) -> frozenset[str]:
+    options = method.GetOptions()
+    if not options.HasExtension(http_options_pb2.auth):
+        return frozenset()
+    return frozenset(options.Extensions[http_options_pb2.auth].scopes)
 
 
 def _method_routes(service: str, method: MethodDescriptor, codec: Codec) -> list[Route]:

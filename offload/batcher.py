@@ -115,15 +115,16 @@ class BatchObserver(Protocol):
 class _Queued:
     """One call waiting for its batch. `deadline` is in loop time (None: no deadline)."""
 
-    __slots__ = ("method", "payload", "request_id", "traceparent", "tracestate", "deadline", "future", "enqueued")
+    __slots__ = ("method", "payload", "request_id", "traceparent", "tracestate", "principal", "deadline", "future", "enqueued")
 
-    def __init__(self, method: str, payload: bytes, request_id: str, traceparent: str, tracestate: str,
+    def __init__(self, method: str, payload: bytes, request_id: str, traceparent: str, tracestate: str, principal: str,
                  deadline: float | None, future: asyncio.Future, enqueued: float) -> None:
         self.method = method
         self.payload = payload
         self.request_id = request_id
         self.traceparent = traceparent
         self.tracestate = tracestate
+        self.principal = principal
         self.deadline = deadline
         self.future = future
         self.enqueued = enqueued
@@ -149,10 +150,10 @@ class CallBatcher:
         self._context = contextvars.Context()
 
     def submit(self, method: str, payload: bytes, deadline: float | None, request_id: str = "",
-               traceparent: str = "", tracestate: str = "") -> asyncio.Future | None:
+               traceparent: str = "", tracestate: str = "", principal: str = "") -> asyncio.Future | None:
         """A future for the call's serialized response, or None when the call alone is bigger
         than a batch may be (send it plain)."""
-        size = len(payload) + len(method) + len(request_id) + len(traceparent) + len(tracestate) + _CALL_FRAMING
+        size = len(payload) + len(method) + len(request_id) + len(traceparent) + len(tracestate) + len(principal) + _CALL_FRAMING
         if size > self.max_bytes:
             return None
         loop = asyncio.get_running_loop()
@@ -160,7 +161,7 @@ class CallBatcher:
             self.flush()
         future = loop.create_future()
         now = loop.time()
-        self._queue.append(_Queued(method, payload, request_id, traceparent, tracestate, deadline, future, now))
+        self._queue.append(_Queued(method, payload, request_id, traceparent, tracestate, principal, deadline, future, now))
         self._bytes += size
         if len(self._queue) >= self.max_calls:
             self.flush()
@@ -199,7 +200,7 @@ class CallBatcher:
         longest: float | None = 0.0
         for q in live:
             call = request.calls.add(method=q.method, request=q.payload, request_id=q.request_id,
-                                     traceparent=q.traceparent, tracestate=q.tracestate)
+                                     traceparent=q.traceparent, tracestate=q.tracestate, principal=q.principal)
             if q.deadline is None:
                 longest = None
                 continue

@@ -35,7 +35,14 @@ from typing import Any, Callable, Iterable, Sequence
 import grpc
 
 from offload.batcher import BATCH_REFUSED, RESPONSE_TOO_LARGE_FOR_BATCH, BatchObserver, CallBatcher, CallError
-from offload.context import REQUEST_ID_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER, RequestContext, child_traceparent
+from offload.context import (
+    PRINCIPAL_HEADER,
+    REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
+    TRACESTATE_HEADER,
+    RequestContext,
+    child_traceparent,
+)
 from offload.v1 import batching_pb2
 
 __all__ = ["BatchObserver", "CallError", "ComputeChannel", "UnaryMethod"]
@@ -54,6 +61,8 @@ def metadata(ctx: RequestContext | None) -> tuple[tuple[str, str], ...]:
     md = ((REQUEST_ID_HEADER, ctx.request_id), (TRACEPARENT_HEADER, child_traceparent(ctx.traceparent)))
     if ctx.tracestate:
         md += ((TRACESTATE_HEADER, ctx.tracestate),)
+    if ctx.principal:
+        md += ((PRINCIPAL_HEADER, ctx.principal),)
     return md
 
 
@@ -104,7 +113,7 @@ class UnaryMethod:
                 future = batcher.submit(self.path, payload, deadline)
             else:
                 future = batcher.submit(self.path, payload, deadline, ctx.request_id,
-                                        child_traceparent(ctx.traceparent), ctx.tracestate)
+                                        child_traceparent(ctx.traceparent), ctx.tracestate, ctx.principal)
             if future is None:
                 return None
             # A timer handle, not asyncio.timeout(): the same effect for ~1/5 of the cost.

@@ -17,6 +17,7 @@ from typing import Iterator
 REQUEST_ID_HEADER = "x-request-id"
 TRACEPARENT_HEADER = "traceparent"
 TRACESTATE_HEADER = "tracestate"
+PRINCIPAL_HEADER = "x-offload-principal"  # gateway -> compute: the caller's API key id
 
 # A request id is echoed into logs and headers: keep it short and printable.
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -28,6 +29,8 @@ class RequestContext:
     request_id: str
     traceparent: str = ""
     tracestate: str = ""
+    # Who is calling: the API key's id the gateway authenticated (never the key), or "".
+    principal: str = ""
 
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
@@ -60,12 +63,15 @@ def child_traceparent(parent: str | None) -> str:
     return f"00-{trace_id}-{os.urandom(8).hex()}-{flags}"
 
 
-def from_headers(request_id: str | None, traceparent: str | None, tracestate: str | None = None) -> RequestContext:
+def from_headers(
+    request_id: str | None, traceparent: str | None, tracestate: str | None = None, principal: str | None = None
+) -> RequestContext:
     """Build a context from inbound values, generating what is missing or malformed."""
     return RequestContext(
         request_id=valid_request_id(request_id) or new_request_id(),
         traceparent=valid_traceparent(traceparent) or child_traceparent(None),
         tracestate=(tracestate or "")[:512],
+        principal=valid_request_id(principal) or "",
     )
 
 

@@ -37,6 +37,8 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = ctx.request_id
             if ctx.traceparent:
                 entry["traceparent"] = ctx.traceparent
+            if ctx.principal:
+                entry["principal"] = ctx.principal
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value

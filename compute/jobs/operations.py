@@ -8,6 +8,7 @@ Watch events carry the job without its result: read pages of it with GetJob.
 from __future__ import annotations
 
 import asyncio
+import logging
 import base64
 import binascii
 import json
@@ -27,6 +28,7 @@ from offload import context
 from offload.v1 import jobs_pb2
 
 SERVICE = "offload.v1.ComputeService"
+audit = logging.getLogger("compute.audit")
 MAX_PAGE_TOKEN_CHARS = 256
 DEFAULT_LIST_PAGE = 50
 MAX_LIST_PAGE = 500
@@ -92,6 +94,8 @@ async def submit_job(request: jobs_pb2.SubmitJobRequest, runtime: Runtime) -> jo
     record, created = await service.submit(kind, spec, key, ctx, sum(chunk.entries for chunk in chunks))
     if not created and record.spec != spec:
         raise AlreadyExists("this idempotency_key was already used for a different job")
+    # Who did what, with the caller's principal (the API key's id) and request id on the line.
+    audit.info("job submitted" if created else "job submit repeated", extra={"job_id": record.id, "job_type": kind})
     return to_proto(record)
 
 
@@ -143,7 +147,9 @@ async def list_jobs(request: jobs_pb2.ListJobsRequest, runtime: Runtime) -> jobs
 
 @light(f"{SERVICE}.CancelJob")
 async def cancel_job(request: jobs_pb2.CancelJobRequest, runtime: Runtime) -> jobs_pb2.Job:
-    return to_proto(await _service(runtime).cancel(checked_id(request.id)))
+    record = await _service(runtime).cancel(checked_id(request.id))
+    audit.info("job cancelled", extra={"job_id": record.id, "state": record.state})
+    return to_proto(record)
 
 
 @light(f"{SERVICE}.WatchJob")

@@ -1,0 +1,194 @@
+"""Who may call what: API keys, scopes declared on the RPCs, and per-key rate limits.
+
+- **Keys** are configured hashed, never in clear: each entry is `key_id:sha256-hex:scope,scope`
+  (`python -m gateway.auth new KEY_ID SCOPE...` makes a key and its entry). Entries come from
+  `OFFLOAD_GATEWAY_API_KEYS` and from `OFFLOAD_GATEWAY_API_KEYS_FILE` (one per line, `#`
+  comments). The file is re-read when it changes (checked at most once a second), so keys are
+  added and revoked without a restart.
+- **Credentials**: `Authorization: Bearer <key>` or `X-API-Key: <key>`. Missing or unknown:
+  401 with `WWW-Authenticate`. Known but without the route's scopes: 403.
+- **Scopes** are declared on each RPC (`option (offload.v1.auth) = {scopes: ["search"]}`); an RPC
+  without the option needs only a valid key. Admin routes need `admin` unless open.
+- **Rate limits** (the `limits` library, moving window) count per key. With the default
+  `memory://` storage each gateway worker counts for itself, so the limit a key sees is up to
+  workers × the setting; a `redis://` storage URI shares the counters between workers and
+  gateways.
+- The key's id (never the key) is the call's principal: on the gateway's log lines and, in
+  metadata, on compute's (which audit-logs job submits and cancels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ApiError
+
+log = logging.getLogger("gateway.auth")
+
+ADMIN_SCOPE = "admin"
+_RELOAD_CHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key_id: str
+    digest: bytes  # sha256 of the key
+    scopes: frozenset[str]
+
+
+def digest_of(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def parse_entry(entry: str) -> ApiKey:
+    """`key_id:sha256-hex:scope,scope` -> ApiKey; ValueError saying what is wrong (never the hash)."""
+    parts = entry.strip().split(":", 2)  # scopes may contain ':' ("jobs:write")
+    if len(parts) != 3:
+        raise ValueError("an API key entry is key_id:sha256-hex:scopes (scopes comma-separated, may be empty)")
+    key_id, hex_digest, scopes = parts
+    if not key_id or not key_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"API key id {key_id!r}: letters, digits, '-', '_' and '.' only")
+    try:
+        digest = bytes.fromhex(hex_digest)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError(f"API key {key_id!r}: the hash must be 64 hex digits (sha256 of the key)")
+    return ApiKey(key_id, digest, frozenset(s for s in scopes.split(",") if s))
+
+
+class KeyRing:
+    """The configured keys, by digest. `lookup(key)` re-reads the file when it changed."""
+
+    def __init__(self, entries: list[str], path: Path | None) -> None:
+        self._inline = [parse_entry(e) for e in entries]
+        self._path = path
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._by_digest: dict[bytes, ApiKey] = {}
+        self._load()
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def lookup(self, presented: str) -> ApiKey | None:
+        now = time.monotonic()
+        if self._path is not None and now - self._checked >= _RELOAD_CHECK_SECONDS:
+            self._checked = now
+            self._reload_if_changed()
+        digest = digest_of(presented)
+        key = self._by_digest.get(digest)
+        # The dict finds the candidate; compare_digest keeps the final comparison constant-time.
+        return key if key is not None and hmac.compare_digest(key.digest, digest) else None
+
+    def _reload_if_changed(self) -> None:
+        try:
+            mtime = self._path.stat().st_mtime_ns  # type: ignore[union-attr]
+        except OSError:
+            mtime = None
+        if mtime != self._mtime:
+            try:
+                self._load()
+                log.info("API keys reloaded", extra={"keys": len(self._by_digest)})
+            except ValueError as exc:  # keep serving with the keys we had
+                log.error("API keys file not reloaded", extra={"problem": str(exc)})
+
+    def _load(self) -> None:
+        keys = list(self._inline)
+        if self._path is not None:
+            self._mtime = self._path.stat().st_mtime_ns if self._path.exists() else None
+            if self._path.exists():
+                for number, line in enumerate(self._path.read_text().splitlines(), 1):
+                    text = line.split("#", 1)[0].strip()
+                    if text:
+                        try:
+                            keys.append(parse_entry(text))
+                        except ValueError as exc:
+                            raise ValueError(f"{self._path}:{number}: {exc}") from None
+        ids = [k.key_id for k in keys]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"API key ids used twice: {duplicates}")
+        self._by_digest = {k.digest: k for k in keys}
+
+
+class Authenticator:
+    """Per request: `principal(credential)` -> the key or a 401; `authorize(key, scopes)` -> 403."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys
+
+    def principal(self, credential: str | None) -> ApiKey:
+        if not credential:
+            raise unauthenticated("an API key is required: Authorization: Bearer <key> or X-API-Key: <key>")
+        key = self.keys.lookup(credential)
+        if key is None:
+            raise unauthenticated("the API key is not valid")
+        return key
+
+    @staticmethod
+    def authorize(key: ApiKey, scopes: frozenset[str]) -> None:
+        missing = scopes - key.scopes
+        if missing:
+            raise ApiError(403, "PERMISSION_DENIED", f"this API key lacks the scope(s) {', '.join(sorted(missing))}")
+
+
+def unauthenticated(message: str) -> ApiError:
+    return ApiError(401, "UNAUTHENTICATED", message, [(b"www-authenticate", b'Bearer realm="offload"')])
+
+
+def credential_of(authorization: str | None, api_key: str | None) -> str | None:
+    if api_key:
+        return api_key
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None
+
+
+class RateLimiter:
+    """Per key, with the `limits` library (async storage: memory per worker, or redis shared)."""
+
+    def __init__(self, rate: str, storage_uri: str) -> None:
+        from limits import parse
+        from limits.aio.strategies import MovingWindowRateLimiter
+        from limits.storage import storage_from_string
+
+        self.item = parse(rate)
+        uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
+        self._limiter = MovingWindowRateLimiter(storage_from_string(uri))
+
+    async def check(self, key_id: str) -> None:
+        if await self._limiter.hit(self.item, key_id):
+            return
+        stats = await self._limiter.get_window_stats(self.item, key_id)
+        retry_after = max(1, int(stats.reset_time - time.time() + 0.999))
+        raise ApiError(
+            429, "RESOURCE_EXHAUSTED", f"rate limit of {self.item} per API key exceeded",
+            [(b"retry-after", str(retry_after).encode())],
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gateway.auth new KEY_ID [SCOPE ...]`: a new random key and its entry."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "new":
+        print("usage: python -m gateway.auth new KEY_ID [SCOPE ...]", file=sys.stderr)
+        return 2
+    key_id, scopes = args[1], args[2:]
+    key = "ofk_" + secrets.token_urlsafe(32)
+    entry = f"{key_id}:{digest_of(key).hex()}:{','.join(scopes)}"
+    parse_entry(entry)
+    print(f"key (give it to the client; it is not stored): {key}", file=sys.stderr)
+    print(entry)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""API keys, scopes declared on the RPCs, per-key rate limits, and who-did-what in compute's log."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.auth import digest_of
+from gateway.settings import GatewaySettings
+from offload.config import ConfigError, load
+from tests.conftest import ROOT, clean_env, wait_until
+
+
+def entry(key_id: str, key: str, *scopes: str) -> str:
+    return f"{key_id}:{digest_of(key).hex()}:{','.join(scopes)}"
+
+
+READER, SEARCHER, ADMIN = "reader-secret-1", "searcher-secret-2", "admin-secret-3"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """compute + a gateway with auth on: inline keys, a keys file, /metrics not open."""
+    from tests.conftest import ComputeLauncher
+    from tests.gateway.conftest import GatewayLauncher
+
+    workdir = tmp_path_factory.mktemp("auth")
+    keys_file = workdir / "keys.txt"
+    keys_file.write_text(f"# keys of the test\n{entry('searcher', SEARCHER, 'read', 'search', 'jobs:read', 'jobs:write')}\n")
+    computes, gateways = ComputeLauncher(workdir), GatewayLauncher(workdir)
+    try:
+        compute = computes()
+        gateway = gateways(
+            compute.address,
+            workers=1,
+            auth="on",
+            api_keys=[entry("reader", READER, "read"), entry("ops", ADMIN, "admin")],
+            api_keys_file=str(keys_file),
+            auth_open_paths=["/readyz"],
+            wait_ready=False,
+        )
+        gateway.wait_status("/readyz", 200)
+        yield compute, gateway, keys_file
+    finally:
+        gateways.close()
+        computes.close()
+
+
+def test_no_or_unknown_key_is_401_with_the_error_body(secured):
+    _, gateway, _ = secured
+    with gateway.client() as http:
+        missing = http.get("/v1/items/item-1")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.json()["error"]["status"] == "UNAUTHENTICATED"
+        assert missing.headers["x-request-id"]
+        wrong = http.get("/v1/items/item-1", headers={"Authorization": "Bearer not-a-key"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "the API key is not valid"
+        assert http.get("/healthz").status_code == 200 and http.get("/readyz").status_code == 200  # open
+
+
+def test_scopes_declared_on_the_rpc_decide_403(secured):
+    _, gateway, _ = secured
+    with gateway.client() as http:
+        assert http.get("/v1/items/item-1", headers={"Authorization": f"Bearer {READER}"}).status_code == 200
+        assert http.get("/v1/items/item-1", headers={"X-API-Key": READER}).status_code == 200
+        denied = http.post("/v1/search", json={"vector": [1.0] * 16, "k": 3}, headers={"X-API-Key": READER})
+        assert denied.status_code == 403
+        assert denied.json()["error"] == {
+            "code": 403, "status": "PERMISSION_DENIED", "message": "this API key lacks the scope(s) search",
+            "request_id": denied.headers["x-request-id"],
+        }
+        allowed = http.post("/v1/search", json={"vector": [1.0] * 16, "k": 3}, headers={"X-API-Key": SEARCHER})
+        assert allowed.status_code == 200 and len(allowed.json()["hits"]) == 3
+        # Admin routes that are not open need the admin scope.
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/metrics", headers={"X-API-Key": READER}).status_code == 403
+        assert http.get("/metrics", headers={"X-API-Key": ADMIN}).status_code == 200
+
+
+def test_the_keys_file_is_reloaded_without_a_restart(secured):
+    _, gateway, keys_file = secured
+    original = keys_file.read_text()
+    newcomer = "newcomer-secret-4"
+    try:
+        keys_file.write_text(f"{entry('newcomer', newcomer, 'read')}\n")  # the searcher is revoked
+        with gateway.client() as http:
+            def switched() -> bool:
+                return http.get("/v1/items/item-1", headers={"X-API-Key": newcomer}).status_code == 200
+
+            wait_until(switched, 10, 0.2, "the new key accepted")
+            assert http.get("/v1/items/item-1", headers={"X-API-Key": SEARCHER}).status_code == 401
+            assert http.get("/v1/items/item-1", headers={"X-API-Key": READER}).status_code == 200  # inline keys stay
+    finally:
+        keys_file.write_text(original)
+        time.sleep(1.2)
+
+
+def test_the_key_id_reaches_compute_and_job_changes_are_audited(secured):
+    compute, gateway, _ = secured
+    with gateway.client() as http:
+        submitted = http.post(
+            "/v1/jobs", json={"batchSearch": {"k": 2, "itemIds": ["item-1"]}}, headers={"X-API-Key": SEARCHER}
+        )
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+
+    def audit_lines() -> list[dict]:
+        return [r for r in compute.log_records() if r.get("logger") == "compute.audit" and r.get("job_id") == job_id]
+
+    wait_until(lambda: bool(audit_lines()), 10, 0.05, "the audit line")
+    [line] = audit_lines()
+    assert line["msg"] == "job submitted" and line["principal"] == "searcher"
+    assert line["request_id"] == submitted.headers["x-request-id"]
+    assert SEARCHER not in compute.log_text() and SEARCHER not in gateway.log_text()
+
+
+def test_openapi_declares_the_security_and_scopes(secured):
+    _, gateway, _ = secured
+    with gateway.client() as http:
+        assert http.get("/openapi.json").status_code == 401  # not an open path here
+        doc = http.get("/openapi.json", headers={"X-API-Key": ADMIN}).json()
+    search = doc["paths"]["/v1/search"]["post"]
+    assert search["security"] == [{"apiKey": []}, {"bearer": []}] and search["x-required-scopes"] == ["search"]
+    assert {"401", "403"} <= set(search["responses"])
+    assert doc["components"]["securitySchemes"]["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+
+
+def test_rate_limits_count_per_key(compute, gateway_factory):
+    gateway = gateway_factory(
+        compute.address, workers=1, auth="on", api_keys=[entry("a", "key-a", "read"), entry("b", "key-b", "read")],
+        rate_limit="3/minute", wait_ready=False,
+    )
+    with gateway.client() as http:
+        codes = [http.get("/v1/stats", headers={"X-API-Key": "key-a"}).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        limited = http.get("/v1/stats", headers={"X-API-Key": "key-a"})
+        assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 60
+        assert limited.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+        assert http.get("/v1/stats", headers={"X-API-Key": "key-b"}).status_code == 200  # its own count
+
+
+def test_beyond_loopback_keys_are_required_unless_auth_is_off(monkeypatch):
+    monkeypatch.setenv("OFFLOAD_ENV_FILE", "")
+    monkeypatch.setenv("OFFLOAD_GATEWAY_HOST", "0.0.0.0")
+    with pytest.raises(ConfigError) as caught:
+        load(GatewaySettings)
+    assert "refusing to serve on '0.0.0.0' without API keys" in caught.value.lines[0]
+    monkeypatch.setenv("OFFLOAD_GATEWAY_AUTH", "off")
+    assert not load(GatewaySettings).auth_enabled
+    monkeypatch.delenv("OFFLOAD_GATEWAY_AUTH")
+    monkeypatch.setenv("OFFLOAD_GATEWAY_API_KEYS", "ops:1234:admin")
+    with pytest.raises(ConfigError) as caught:
+        load(GatewaySettings)
+    assert "the hash must be 64 hex digits" in caught.value.lines[0]
+
+
+def test_new_key_command_makes_a_working_entry():
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.auth", "new", "ci-bot", "read", "search"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    key = result.stderr.split(": ", 1)[1].strip()
+    line = result.stdout.strip()
+    assert line.startswith("ci-bot:") and line.endswith(":read,search") and key not in line
+    assert line.split(":")[1] == digest_of(key).hex()
