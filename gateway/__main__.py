@@ -20,7 +20,7 @@ import tempfile
 
 import uvicorn
 
-from gateway.auth import KeyRing
+from gateway.auth import build_authenticator
 from gateway.json_codec import Codec
 from gateway.settings import GatewaySettings
 from gateway.transcoding import routes_from_settings
@@ -33,9 +33,9 @@ def main() -> int:
         routes_from_settings(settings, Codec())  # checked once, before any worker starts
         if settings.auth_enabled:
             try:
-                KeyRing(settings.api_keys, settings.api_keys_file)
+                build_authenticator(settings)
             except (ValueError, OSError) as exc:
-                raise config.ConfigError([f"API keys: {exc}"]) from None
+                raise config.ConfigError([f"authentication: {exc}"]) from None
     except config.ConfigError as exc:
         for line in exc.lines:
             print(f"gateway: {line}", file=sys.stderr)

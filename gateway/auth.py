@@ -5,8 +5,12 @@
   `OFFLOAD_GATEWAY_API_KEYS` and from `OFFLOAD_GATEWAY_API_KEYS_FILE` (one per line, `#`
   comments). The file is re-read when it changes (checked at most once a second), so keys are
   added and revoked without a restart.
-- **Credentials**: `Authorization: Bearer <key>` or `X-API-Key: <key>`. Missing or unknown:
-  401 with `WWW-Authenticate`. Known but without the route's scopes: 403.
+- **Bearer JWTs** (optional, pyjwt): HS256 against a shared key file, or RS256/ES256/EdDSA
+  against a JWKS file (re-read when it changes). `exp` and `sub` are required, `aud`/`iss` are
+  checked when set; scopes come from `scope` (space-separated) or `scp`; the principal is
+  `jwt:<sub>`.
+- **Credentials**: `Authorization: Bearer <key or JWT>` or `X-API-Key: <key>`. Missing or
+  invalid: 401 with `WWW-Authenticate`. Valid but without the route's scopes: 403.
 - **Scopes** are declared on each RPC (`option (offload.v1.auth) = {scopes: ["search"]}`); an RPC
   without the option needs only a valid key. Admin routes need `admin` unless open.
 - **Rate limits** (the `limits` library, moving window) count per key. With the default
@@ -27,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import ApiError
 
@@ -40,6 +45,14 @@ _RELOAD_CHECK_SECONDS = 1.0
 class ApiKey:
     key_id: str
     digest: bytes  # sha256 of the key
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a verified JWT names."""
+
+    key_id: str  # "jwt:<sub>"
     scopes: frozenset[str]
 
 
@@ -119,25 +132,99 @@ class KeyRing:
         self._by_digest = {k.digest: k for k in keys}
 
 
+class JwtVerifier:
+    """Bearer JWTs, with pyjwt: a shared HS256 key, or the public keys of a JWKS file."""
+
+    ASYMMETRIC = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+
+    def __init__(self, secret_file: Path | None, jwks_file: Path | None, audience: str, issuer: str) -> None:
+        self._secret_file, self._jwks_file = secret_file, jwks_file
+        self._audience, self._issuer = audience or None, issuer or None
+        self._checked = 0.0
+        self._mtimes: tuple = ()
+        self._load()
+
+    def verify(self, token: str) -> Principal:
+        import jwt
+
+        now = time.monotonic()
+        if now - self._checked >= _RELOAD_CHECK_SECONDS:
+            self._checked = now
+            if self._file_mtimes() != self._mtimes:
+                try:
+                    self._load()
+                except (OSError, ValueError) as exc:
+                    log.error("JWT keys not reloaded", extra={"problem": str(exc)})
+        try:
+            key, algorithms = self._key_for(token)
+            claims = jwt.decode(
+                token, key, algorithms=algorithms, audience=self._audience, issuer=self._issuer, leeway=30,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthenticated("the token has expired") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise unauthenticated("the token is not for this service") from None
+        except (jwt.InvalidTokenError, KeyError, ValueError):
+            raise unauthenticated("the token is not valid") from None
+        scopes = claims.get("scp") or str(claims.get("scope", "")).split()
+        return Principal(f"jwt:{claims['sub']}", frozenset(scopes))
+
+    def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        import jwt
+
+        if self._secret is not None:
+            return self._secret, ["HS256"]
+        kid = jwt.get_unverified_header(token).get("kid")
+        candidates = [k for k in self._jwks.keys if kid is None or k.key_id == kid]
+        if not candidates:
+            raise KeyError(kid)
+        key = candidates[0]
+        return key.key, [key.algorithm_name] if key.algorithm_name in self.ASYMMETRIC else self.ASYMMETRIC
+
+    def _file_mtimes(self) -> tuple:
+        return tuple(p.stat().st_mtime_ns if p is not None and p.exists() else None for p in (self._secret_file, self._jwks_file))
+
+    def _load(self) -> None:
+        import jwt
+
+        self._mtimes = self._file_mtimes()
+        self._secret = self._secret_file.read_bytes().strip() if self._secret_file is not None else None
+        if self._secret is not None and len(self._secret) < 32:
+            raise ValueError(f"{self._secret_file}: an HS256 key needs at least 32 bytes")
+        self._jwks = jwt.PyJWKSet.from_json(self._jwks_file.read_text()) if self._jwks_file is not None else None
+
+
 class Authenticator:
     """Per request: `principal(credential)` -> the key or a 401; `authorize(key, scopes)` -> 403."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, jwt: JwtVerifier | None = None) -> None:
         self.keys = keys
+        self.jwt = jwt
 
-    def principal(self, credential: str | None) -> ApiKey:
+    def principal(self, credential: str | None) -> ApiKey | Principal:
         if not credential:
             raise unauthenticated("an API key is required: Authorization: Bearer <key> or X-API-Key: <key>")
+        if self.jwt is not None and credential.count(".") == 2:
+            return self.jwt.verify(credential)
         key = self.keys.lookup(credential)
         if key is None:
             raise unauthenticated("the API key is not valid")
         return key
 
     @staticmethod
-    def authorize(key: ApiKey, scopes: frozenset[str]) -> None:
+    def authorize(key: ApiKey | Principal, scopes: frozenset[str]) -> None:
         missing = scopes - key.scopes
         if missing:
             raise ApiError(403, "PERMISSION_DENIED", f"this API key lacks the scope(s) {', '.join(sorted(missing))}")
+
+
+def build_authenticator(settings: Any) -> Authenticator:
+    """From GatewaySettings; raises ValueError/OSError on a bad keys, secret or JWKS file."""
+    verifier = None
+    if settings.jwt_secret_file is not None or settings.jwt_jwks_file is not None:
+        verifier = JwtVerifier(settings.jwt_secret_file, settings.jwt_jwks_file, settings.jwt_audience, settings.jwt_issuer)
+    return Authenticator(KeyRing(settings.api_keys, settings.api_keys_file), verifier)
 
 
 def unauthenticated(message: str) -> ApiError:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from starlette.middleware.cors import CORSMiddleware
 
-from gateway.auth import ADMIN_SCOPE, Authenticator, KeyRing, RateLimiter, credential_of
+from gateway.auth import ADMIN_SCOPE, RateLimiter, build_authenticator, credential_of
 from gateway.endpoints import serve_unary
 from gateway.errors import ApiError
 from gateway.http import ClientDisconnected, Receive, Send, parse_headers, send_error
@@ -60,7 +60,7 @@ class RestFrontend:
         for route in routes:
             self._by_method.setdefault(route.http_method, []).append(route)
         # Who may call: API keys, per-route scopes, per-key rate limits (gateway/auth.py).
-        self._auth = Authenticator(KeyRing(settings.api_keys, settings.api_keys_file)) if settings.auth_enabled else None
+        self._auth = build_authenticator(settings) if settings.auth_enabled else None
         self._rate = RateLimiter(settings.rate_limit, settings.rate_limit_storage_uri) if settings.rate_limit else None
         self._open_paths = frozenset(["/healthz", *settings.auth_open_paths])
         # Browser clients: Starlette's CORS middleware around the dispatch, only when configured.

@@ -84,6 +84,10 @@ class GatewaySettings(BaseSettings):
         ["/readyz", "/metrics", "/docs", "/openapi.json"],
         description="Admin paths served without a key (/healthz always is); the others need the admin scope",
     )
+    jwt_secret_file: Path | None = Field(None, description="Bearer JWTs signed HS256 with this shared key (32+ bytes)")
+    jwt_jwks_file: Path | None = Field(None, description="Bearer JWTs signed with the keys of this JWKS file (RS256, ES256...)")
+    jwt_audience: str = Field("", description="Required aud claim of JWTs (empty: not checked)")
+    jwt_issuer: str = Field("", description="Required iss claim of JWTs (empty: not checked)")
     rate_limit: str = Field("", description="Per API key, e.g. 100/second or 5000/hour (the limits library); empty: none")
     rate_limit_storage_uri: str = Field(
         "memory://", description="Rate-limit counters: memory:// (per worker) or redis://host:6379 (shared)"
@@ -128,7 +132,10 @@ class GatewaySettings(BaseSettings):
             raise ValueError("stall_threshold must be larger than heartbeat_interval")
         if self.default_timeout_seconds > self.max_timeout_seconds:
             raise ValueError("default_timeout_seconds exceeds max_timeout_seconds")
-        if self.auth_enabled and not self.api_keys and self.api_keys_file is None:
+        if self.jwt_secret_file is not None and self.jwt_jwks_file is not None:
+            raise ValueError("set jwt_secret_file or jwt_jwks_file, not both")
+        has_jwt = self.jwt_secret_file is not None or self.jwt_jwks_file is not None
+        if self.auth_enabled and not self.api_keys and self.api_keys_file is None and not has_jwt:
             raise ValueError(
                 f"refusing to serve on {self.host!r} without API keys: set OFFLOAD_GATEWAY_API_KEYS or "
                 "OFFLOAD_GATEWAY_API_KEYS_FILE (python -m gateway.auth new makes a key), or OFFLOAD_GATEWAY_AUTH=off"

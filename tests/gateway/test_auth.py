@@ -167,3 +167,52 @@ def test_new_key_command_makes_a_working_entry():
     line = result.stdout.strip()
     assert line.startswith("ci-bot:") and line.endswith(":read,search") and key not in line
     assert line.split(":")[1] == digest_of(key).hex()
+
+
+def test_bearer_jwts_signed_with_a_shared_key(compute, gateway_factory, tmp_path):
+    import jwt
+
+    secret = b"s" * 48
+    (tmp_path / "jwt.key").write_bytes(secret)
+    gateway = gateway_factory(
+        compute.address, workers=1, auth="on", jwt_secret_file=str(tmp_path / "jwt.key"), jwt_audience="offload",
+        wait_ready=False,
+    )
+    now = int(time.time())
+
+    def token(**claims) -> str:
+        return jwt.encode({"sub": "svc-1", "aud": "offload", "exp": now + 60, "scope": "read search", **claims}, secret, "HS256")
+
+    with gateway.client() as http:
+        def call(path: str, bearer: str, **kwargs):
+            return http.request(kwargs.pop("method", "GET"), path, headers={"Authorization": f"Bearer {bearer}"}, **kwargs)
+
+        assert call("/v1/items/item-1", token()).status_code == 200
+        assert call("/v1/search", token(), method="POST", json={"vector": [1.0] * 16, "k": 2}).status_code == 200
+        denied = call("/v1/jobs", token())
+        assert denied.status_code == 403 and "jobs:read" in denied.json()["error"]["message"]
+        assert call("/v1/items/item-1", token(exp=now - 120)).json()["error"]["message"] == "the token has expired"
+        assert call("/v1/items/item-1", token(aud="elsewhere")).json()["error"]["message"] == "the token is not for this service"
+        forged = jwt.encode({"sub": "x", "aud": "offload", "exp": now + 60}, b"t" * 48, "HS256")
+        assert call("/v1/items/item-1", forged).status_code == 401
+        unsigned = jwt.encode({"sub": "x", "aud": "offload", "exp": now + 60}, None, "none")
+        assert call("/v1/items/item-1", unsigned).status_code == 401
+
+
+def test_bearer_jwts_signed_with_the_keys_of_a_jwks_file(compute, gateway_factory, tmp_path):
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**public_jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}))
+    gateway = gateway_factory(compute.address, workers=1, auth="on", jwt_jwks_file=str(tmp_path / "jwks.json"), wait_ready=False)
+    claims = {"sub": "svc-2", "exp": int(time.time()) + 60, "scp": ["read"]}
+    good = jwt.encode(claims, private, "RS256", headers={"kid": "k1"})
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    bad = jwt.encode(claims, other, "RS256", headers={"kid": "k1"})
+    with gateway.client() as http:
+        assert http.get("/v1/items/item-1", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        assert http.get("/v1/items/item-1", headers={"Authorization": f"Bearer {bad}"}).status_code == 401
