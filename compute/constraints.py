@@ -21,6 +21,7 @@ from compute.errors import InvalidArgument
 _EXTENSIONS = {"MessageOptions": validate_pb2.message, "OneofOptions": validate_pb2.oneof, "FieldOptions": validate_pb2.field}
 
 _validator = protovalidate.Validator()
+MAX_DETAILS = 20
 
 
 def has_rules(message: Descriptor, _seen: set[str] | None = None) -> bool:
@@ -44,11 +45,12 @@ def check(request: Any) -> None:
     violations = _validator.collect_violations(request)
     if not violations:
         return
-    pairs = [(field_path(v.proto.field), v.proto.message) for v in violations]
+    # At most MAX_DETAILS in the details: they travel in a gRPC trailer, whose size is limited.
+    pairs = [(field_path(v.proto.field), v.proto.message) for v in violations[:MAX_DETAILS]]
     first_field, first_message = pairs[0]
     summary = f"{first_field}: {first_message}" if first_field else first_message
-    if len(pairs) > 1:
-        summary += f" (and {len(pairs) - 1} more)"
+    if len(violations) > 1:
+        summary += f" (and {len(violations) - 1} more)"
     raise InvalidArgument(summary, field_violations=pairs)
 
 

@@ -13,7 +13,7 @@
   invalid: 401 with `WWW-Authenticate`. Valid but without the route's scopes: 403.
 - **Scopes** are declared on each RPC (`option (offload.v1.auth) = {scopes: ["search"]}`); an RPC
   without the option needs only a valid key. Admin routes need `admin` unless open.
-- **Rate limits** (the `limits` library, moving window) count per key. With the default
+- **Rate limits** (the `limits` library, sliding-window counter) count per key. With the default
   `memory://` storage each gateway worker counts for itself, so the limit a key sees is up to
   workers × the setting; a `redis://` storage URI shares the counters between workers and
   gateways.
@@ -26,18 +26,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from gateway.errors import ApiError
 
 log = logging.getLogger("gateway.auth")
 
 ADMIN_SCOPE = "admin"
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _RELOAD_CHECK_SECONDS = 1.0
 
 
@@ -66,8 +69,8 @@ def parse_entry(entry: str) -> ApiKey:
     if len(parts) != 3:
         raise ValueError("an API key entry is key_id:sha256-hex:scopes (scopes comma-separated, may be empty)")
     key_id, hex_digest, scopes = parts
-    if not key_id or not key_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ValueError(f"API key id {key_id!r}: letters, digits, '-', '_' and '.' only")
+    if not _KEY_ID.fullmatch(key_id):
+        raise ValueError(f"API key id {key_id!r}: 1 to 64 ASCII letters, digits, '-', '_' or '.'")
     try:
         digest = bytes.fromhex(hex_digest)
     except ValueError:
@@ -110,26 +113,30 @@ class KeyRing:
             try:
                 self._load()
                 log.info("API keys reloaded", extra={"keys": len(self._by_digest)})
-            except ValueError as exc:  # keep serving with the keys we had
+            except (ValueError, OSError) as exc:  # keep serving with the keys we had; retried next change
+                self._mtime = mtime
                 log.error("API keys file not reloaded", extra={"problem": str(exc)})
 
     def _load(self) -> None:
+        """Parse everything first, then swap: a bad file never replaces good keys."""
         keys = list(self._inline)
+        mtime = None
         if self._path is not None:
-            self._mtime = self._path.stat().st_mtime_ns if self._path.exists() else None
-            if self._path.exists():
-                for number, line in enumerate(self._path.read_text().splitlines(), 1):
-                    text = line.split("#", 1)[0].strip()
-                    if text:
-                        try:
-                            keys.append(parse_entry(text))
-                        except ValueError as exc:
-                            raise ValueError(f"{self._path}:{number}: {exc}") from None
+            # A missing file is a mistake, not "no keys" (an empty file revokes them all).
+            mtime = self._path.stat().st_mtime_ns
+            for number, line in enumerate(self._path.read_text().splitlines(), 1):
+                text = line.split("#", 1)[0].strip()
+                if text:
+                    try:
+                        keys.append(parse_entry(text))
+                    except ValueError as exc:
+                        raise ValueError(f"{self._path}:{number}: {exc}") from None
         ids = [k.key_id for k in keys]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"API key ids used twice: {duplicates}")
         self._by_digest = {k.digest: k for k in keys}
+        self._mtime = mtime
 
 
 class JwtVerifier:
@@ -150,10 +157,12 @@ class JwtVerifier:
         now = time.monotonic()
         if now - self._checked >= _RELOAD_CHECK_SECONDS:
             self._checked = now
-            if self._file_mtimes() != self._mtimes:
+            mtimes = self._file_mtimes()
+            if mtimes != self._mtimes:
                 try:
                     self._load()
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, jwt.PyJWTError) as exc:  # keep the keys we had
+                    self._mtimes = mtimes
                     log.error("JWT keys not reloaded", extra={"problem": str(exc)})
         try:
             key, algorithms = self._key_for(token)
@@ -165,10 +174,9 @@ class JwtVerifier:
             raise unauthenticated("the token has expired") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
             raise unauthenticated("the token is not for this service") from None
-        except (jwt.InvalidTokenError, KeyError, ValueError):
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError):
             raise unauthenticated("the token is not valid") from None
-        scopes = claims.get("scp") or str(claims.get("scope", "")).split()
-        return Principal(f"jwt:{claims['sub']}", frozenset(scopes))
+        return Principal(f"jwt:{quote(str(claims['sub']), safe='@._-|+')[:128]}", _claimed_scopes(claims))
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
         import jwt
@@ -180,19 +188,35 @@ class JwtVerifier:
         if not candidates:
             raise KeyError(kid)
         key = candidates[0]
-        return key.key, [key.algorithm_name] if key.algorithm_name in self.ASYMMETRIC else self.ASYMMETRIC
+        # The key's own algorithm when the JWKS names one (never an HMAC one: those keys are public).
+        if key.algorithm_name and not key.algorithm_name.startswith("HS"):
+            return key.key, [key.algorithm_name]
+        return key.key, self.ASYMMETRIC
 
     def _file_mtimes(self) -> tuple:
         return tuple(p.stat().st_mtime_ns if p is not None and p.exists() else None for p in (self._secret_file, self._jwks_file))
 
     def _load(self) -> None:
+        """Read and check both files, then swap: a bad or half-written file never takes effect."""
         import jwt
 
-        self._mtimes = self._file_mtimes()
-        self._secret = self._secret_file.read_bytes().strip() if self._secret_file is not None else None
-        if self._secret is not None and len(self._secret) < 32:
+        mtimes = self._file_mtimes()
+        secret = self._secret_file.read_bytes().strip() if self._secret_file is not None else None
+        if secret is not None and len(secret) < 32:
             raise ValueError(f"{self._secret_file}: an HS256 key needs at least 32 bytes")
-        self._jwks = jwt.PyJWKSet.from_json(self._jwks_file.read_text()) if self._jwks_file is not None else None
+        jwks = jwt.PyJWKSet.from_json(self._jwks_file.read_text()) if self._jwks_file is not None else None
+        self._secret, self._jwks, self._mtimes = secret, jwks, mtimes
+
+
+def _claimed_scopes(claims: dict) -> frozenset[str]:
+    """OAuth's `scope` (space-separated) or `scp` (a list, or space-separated as some issuers do)."""
+    found: set[str] = set()
+    for value in (claims.get("scope"), claims.get("scp")):
+        if isinstance(value, str):
+            found.update(value.split())
+        elif isinstance(value, list):
+            found.update(str(v) for v in value)
+    return frozenset(found)
 
 
 class Authenticator:
@@ -244,12 +268,12 @@ class RateLimiter:
 
     def __init__(self, rate: str, storage_uri: str) -> None:
         from limits import parse
-        from limits.aio.strategies import MovingWindowRateLimiter
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
         from limits.storage import storage_from_string
 
         self.item = parse(rate)
         uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
-        self._limiter = MovingWindowRateLimiter(storage_from_string(uri))
+        self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(uri))
 
     async def check(self, key_id: str) -> None:
         if await self._limiter.hit(self.item, key_id):

@@ -31,6 +31,10 @@ from offload import context
 
 log = logging.getLogger("gateway.frontend")
 
+# The admin app's own pages: those not open need the admin scope.
+ADMIN_PATHS = frozenset(["/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"])
+_ADMIN = frozenset([ADMIN_SCOPE])
+
 # Lifespan state entries (`scope["state"]`): this worker's ComputeClient and Heartbeat.
 COMPUTE_STATE_KEY = "compute"
 HEARTBEAT_STATE_KEY = "heartbeat"
@@ -70,8 +74,11 @@ class RestFrontend:
                 self._dispatch,
                 allow_origins=settings.cors_allow_origins,
                 allow_methods=sorted({r.http_method for r in routes} | {"GET"}),
-                allow_headers=["content-type", "x-request-id", "x-request-timeout", "last-event-id", "traceparent", "tracestate"],
-                expose_headers=["x-request-id", "retry-after", "location"],
+                allow_headers=[
+                    "content-type", "authorization", "x-api-key", "x-request-id", "x-request-timeout",
+                    "last-event-id", "traceparent", "tracestate",
+                ],
+                expose_headers=["x-request-id", "retry-after", "location", "www-authenticate"],
                 max_age=600,
             )
         # Per-RPC metric children, resolved once (labels() costs a lock and a dict lookup).
@@ -116,7 +123,7 @@ class RestFrontend:
         if self._auth is not None and not (route is None and scope["path"] in self._open_paths):
             try:
                 key = self._auth.principal(credential_of(headers.authorization, headers.api_key))
-                self._auth.authorize(key, route.scopes if route is not None else frozenset([ADMIN_SCOPE]))
+                self._auth.authorize(key, self._scopes_for(route, scope["path"]))
                 if self._rate is not None:
                     await self._rate.check(key.key_id)
             except ApiError as exc:
@@ -173,6 +180,14 @@ class RestFrontend:
             if self.settings.access_log:
                 log.info("request", extra={"rpc": route.name, "method": call.scope["method"], "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})
+
+    @staticmethod
+    def _scopes_for(route: Route | None, path: str) -> frozenset[str]:
+        """A route's declared scopes; admin for the admin app's pages; none for anything else
+        (a 404 or a 405 needs only a valid key)."""
+        if route is not None:
+            return route.scopes
+        return _ADMIN if path in ADMIN_PATHS else frozenset()
 
     def _count(self, route: Route, status: int) -> None:
         counter = self._counts.get((route.name, status))

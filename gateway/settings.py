@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from offload.addresses import is_loopback
 from gateway.auth import parse_entry
-from offload.config import module_list, number_map
+from offload.config import entry_list, module_list, number_map
 
 BUILTIN_PROTO_MODULES = ["offload.v1.compute_pb2"]
 
@@ -77,7 +77,7 @@ class GatewaySettings(BaseSettings):
         "auto", description="API keys required: auto = when listening beyond loopback; on; off (trusted networks only)"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        [], description="API keys, hashed: key_id:sha256-hex:scope,scope (python -m gateway.auth new makes one)"
+        [], description="API keys, hashed: key_id:sha256-hex:scope,scope (python -m gateway.auth new makes one); several: space-separated or JSON"
     )
     api_keys_file: Path | None = Field(None, description="More API key entries, one per line; re-read when it changes")
     auth_open_paths: Annotated[list[str], NoDecode] = Field(
@@ -104,9 +104,10 @@ class GatewaySettings(BaseSettings):
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
 
-    _names = field_validator(
-        "extra_proto_modules", "proto_modules", "cors_allow_origins", "api_keys", "auth_open_paths", mode="before"
-    )(module_list)
+    _names = field_validator("extra_proto_modules", "proto_modules", "cors_allow_origins", "auth_open_paths", mode="before")(
+        module_list
+    )
+    _keys = field_validator("api_keys", mode="before")(entry_list)
 
     @property
     def auth_enabled(self) -> bool:
@@ -134,6 +135,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError("default_timeout_seconds exceeds max_timeout_seconds")
         if self.jwt_secret_file is not None and self.jwt_jwks_file is not None:
             raise ValueError("set jwt_secret_file or jwt_jwks_file, not both")
+        if self.jwt_jwks_file is not None and not self.jwt_audience:
+            raise ValueError("jwt_jwks_file needs jwt_audience: an identity provider signs tokens for other services too")
         has_jwt = self.jwt_secret_file is not None or self.jwt_jwks_file is not None
         if self.auth_enabled and not self.api_keys and self.api_keys_file is None and not has_jwt:
             raise ValueError(

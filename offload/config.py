@@ -100,6 +100,20 @@ def module_list(value: Any) -> Any:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def entry_list(value: Any) -> Any:
+    """A before-validator for entries that contain commas themselves: JSON list, or entries
+    separated by whitespace (spaces, newlines)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError("expected a JSON list of strings, or entries separated by spaces") from None
+    return text.split()
+
+
 def number_map(value: Any) -> Any:
     """A before-validator: JSON object, or `name=value` pairs separated by commas."""
     if not isinstance(value, str):

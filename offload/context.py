@@ -21,6 +21,8 @@ PRINCIPAL_HEADER = "x-offload-principal"  # gateway -> compute: the caller's API
 
 # A request id is echoed into logs and headers: keep it short and printable.
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# A principal travels as gRPC metadata: printable ASCII, no spaces (gateway/auth.py makes it so).
+_PRINCIPAL_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
 _TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -71,7 +73,7 @@ def from_headers(
         request_id=valid_request_id(request_id) or new_request_id(),
         traceparent=valid_traceparent(traceparent) or child_traceparent(None),
         tracestate=(tracestate or "")[:512],
-        principal=valid_request_id(principal) or "",
+        principal=principal if principal and _PRINCIPAL_RE.match(principal) else "",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -142,6 +143,31 @@ def test_rate_limits_count_per_key(compute, gateway_factory):
         assert http.get("/v1/stats", headers={"X-API-Key": "key-b"}).status_code == 200  # its own count
 
 
+def test_inline_keys_with_several_scopes_parse_from_plain_text(monkeypatch):
+    monkeypatch.setenv("OFFLOAD_ENV_FILE", "")
+    monkeypatch.setenv("OFFLOAD_GATEWAY_AUTH", "on")
+    monkeypatch.setenv("OFFLOAD_GATEWAY_API_KEYS", f"{entry('a', 'ka', 'read', 'search')} {entry('b', 'kb', 'jobs:write')}")
+    settings = load(GatewaySettings)
+    assert [e.split(":")[0] for e in settings.api_keys] == ["a", "b"]
+    assert settings.api_keys[0].endswith(":read,search")
+
+
+def test_a_bad_keys_file_on_reload_keeps_the_keys_already_loaded(tmp_path):
+    from gateway.auth import KeyRing
+
+    path = tmp_path / "keys.txt"
+    path.write_text(entry("a", "ka", "read") + "\n")
+    ring = KeyRing([], path)
+    assert ring.lookup("ka").key_id == "a"
+    path.write_text("a:not-a-hash:read\n")
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    ring._checked = 0  # as if a second had passed
+    assert ring.lookup("ka").key_id == "a"  # refused and logged; the old keys stay
+    path.unlink()
+    ring._checked = 0
+    assert ring.lookup("ka").key_id == "a"  # a missing file is not "no keys"
+
+
 def test_beyond_loopback_keys_are_required_unless_auth_is_off(monkeypatch):
     monkeypatch.setenv("OFFLOAD_ENV_FILE", "")
     monkeypatch.setenv("OFFLOAD_GATEWAY_HOST", "0.0.0.0")
@@ -208,11 +234,23 @@ def test_bearer_jwts_signed_with_the_keys_of_a_jwks_file(compute, gateway_factor
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**public_jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}))
-    gateway = gateway_factory(compute.address, workers=1, auth="on", jwt_jwks_file=str(tmp_path / "jwks.json"), wait_ready=False)
-    claims = {"sub": "svc-2", "exp": int(time.time()) + 60, "scp": ["read"]}
+    gateway = gateway_factory(
+        compute.address, workers=1, auth="on", jwt_jwks_file=str(tmp_path / "jwks.json"), jwt_audience="offload",
+        wait_ready=False,
+    )
+    claims = {"sub": "auth0|svc 2", "aud": "offload", "exp": int(time.time()) + 60, "scp": "read search"}
     good = jwt.encode(claims, private, "RS256", headers={"kid": "k1"})
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     bad = jwt.encode(claims, other, "RS256", headers={"kid": "k1"})
     with gateway.client() as http:
         assert http.get("/v1/items/item-1", headers={"Authorization": f"Bearer {good}"}).status_code == 200
         assert http.get("/v1/items/item-1", headers={"Authorization": f"Bearer {bad}"}).status_code == 401
+        search = http.post("/v1/search", json={"vector": [1.0] * 16, "k": 1}, headers={"Authorization": f"Bearer {good}"})
+        assert search.status_code == 200  # scp as a space-separated string
+        not_a_jwt_key = http.get("/v1/items/item-1", headers={"Authorization": "Bearer a.b.c"})
+        assert not_a_jwt_key.status_code == 401 and not_a_jwt_key.json()["error"]["message"] == "the token is not valid"
+    # The subject travels to compute percent-encoded: gRPC metadata is printable ASCII.
+    from offload.context import from_headers
+
+    assert from_headers(None, None, None, "jwt:auth0|svc%202").principal == "jwt:auth0|svc%202"
+    assert from_headers(None, None, None, "jwt:has space").principal == ""
