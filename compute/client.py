@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:50051", help="compute address (host:port or unix:/path)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     parser.add_argument("--request-id", default=None, help="x-request-id to send (generated if absent)")
+    parser.add_argument("--api-key", default=os.environ.get("OFFLOAD_API_KEY"), help="key for a compute that requires one (default: $OFFLOAD_API_KEY)")
     parser.add_argument("--like", metavar="ITEM_ID", help="Search: use this item's vector as the query")
     parser.add_argument("--list", action="store_true", help="list the RPCs")
     args = parser.parse_intermixed_args(argv)
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     channel = grpc.insecure_channel(args.address)
     ctx = context.from_headers(args.request_id, None)
     metadata = ((context.REQUEST_ID_HEADER, ctx.request_id), (context.TRACEPARENT_HEADER, ctx.traceparent))
+    if args.api_key:
+        metadata += (("authorization", f"Bearer {args.api_key}"),)
     try:
         if args.list:
             for service in ServedProtos(channel).services:

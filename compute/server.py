@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from compute import pool as pool_module
 from compute import served, shm
+from compute.auth import DISPATCH_SCOPE, TokenInterceptor
 from compute.batching import BATCHING_SERVICE, BatchingServicer
 from compute.calls import CallPath
 from compute.jobs.runner import JobService
@@ -32,12 +33,26 @@ from compute.runtime import Runtime
 from compute.servicer import OperationServicer
 from compute.settings import ComputeSettings
 from compute.table import EmbeddingTable
+from offload.config import ConfigError
 from offload.heartbeat import Heartbeat
+from offload.keys import KeyRing
+from offload.v1 import http_options_pb2
 
 log = logging.getLogger("compute.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def required_scopes(calls: CallPath) -> dict[str, frozenset[str]]:
+    """gRPC path -> the scopes a direct caller's key needs: each RPC's (offload.v1.auth), and
+    `dispatch` for batches (compute/auth.py)."""
+    scopes = {f"/{BATCHING_SERVICE}/Dispatch": frozenset([DISPATCH_SCOPE])}
+    for path, bound in calls.by_path.items():
+        options = bound.method.GetOptions()
+        if options.HasExtension(http_options_pb2.auth):
+            scopes[path] = frozenset(options.Extensions[http_options_pb2.auth].scopes)
+    return scopes
 
 
 class ComputeServer:
@@ -47,6 +62,12 @@ class ComputeServer:
         """Raises offload.config.ConfigError when the operations to serve are misconfigured."""
         self.settings = settings
         self._operations = served.operations(settings)
+        self._keys = None
+        if settings.api_keys or settings.api_keys_file is not None:
+            try:
+                self._keys = KeyRing(settings.api_keys, settings.api_keys_file)
+            except (ValueError, OSError) as exc:
+                raise ConfigError([f"API keys: {exc}"]) from None
         self.registry = CollectorRegistry()
         self.table: EmbeddingTable | None = None
         self.pool: HealingPool | None = None
@@ -188,7 +209,9 @@ class ComputeServer:
     async def _start_grpc(self, calls: CallPath) -> None:
         settings = self.settings
         limit = settings.max_message_bytes
+        interceptors = [] if self._keys is None else [TokenInterceptor(self._keys, required_scopes(calls))]
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -14,7 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from offload.addresses import is_loopback
-from offload.config import module_list
+from offload.config import entry_list, module_list
+from offload.keys import parse_entry
 
 BUILTIN_OPERATION_MODULES = ["compute.operations", "compute.jobs.operations"]
 BUILTIN_JOB_TYPE_MODULES = ["compute.jobs.batch_search"]
@@ -52,6 +53,10 @@ class ComputeSettings(BaseSettings):
         description="RPCs (package.Service.Method) knowingly left without an operation; any other one stops start-up",
     )
     log_level: str = Field("INFO", description="Log level for compute and its pool workers")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [], description="Keys direct gRPC callers must present (key_id:sha256-hex:scopes); empty: none required"
+    )
+    api_keys_file: Path | None = Field(None, description="More key entries, one per line; re-read when it changes")
 
     # -- the embedding table ---------------------------------------------------------------
     rows: int = Field(100_000, ge=1, description="Synthetic table: number of vectors")
@@ -120,6 +125,8 @@ class ComputeSettings(BaseSettings):
         mode="before",
     )(module_list)
 
+    _keys = field_validator("api_keys", mode="before")(entry_list)
+
     @property
     def served_operation_modules(self) -> list[str]:
         return list(dict.fromkeys([*self.operation_modules, *self.extra_operation_modules]))
@@ -145,4 +152,6 @@ class ComputeSettings(BaseSettings):
             raise ValueError("jobs_result_page_max must be at least jobs_result_page_default")
         if self.stall_threshold <= self.heartbeat_interval:
             raise ValueError("stall_threshold must be larger than heartbeat_interval")
+        for entry in self.api_keys:
+            parse_entry(entry)
         return self

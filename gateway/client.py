@@ -83,6 +83,7 @@ class ComputeClient:
         self.channel = ComputeChannel(
             s.compute_address,
             credentials=channel_credentials(s),
+            api_key=s.compute_api_key_file.read_text().strip() if s.compute_api_key_file else None,
             options=options,
             idempotent_methods=idempotent_methods(routes),
             retry_max_attempts=s.retry_max_attempts,

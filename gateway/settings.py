@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from offload.addresses import is_loopback
-from gateway.auth import parse_entry
+from offload.keys import parse_entry
 from offload.config import entry_list, module_list, number_map
 
 BUILTIN_PROTO_MODULES = ["offload.v1.compute_pb2"]
@@ -88,6 +88,9 @@ class GatewaySettings(BaseSettings):
     jwt_jwks_file: Path | None = Field(None, description="Bearer JWTs signed with the keys of this JWKS file (RS256, ES256...)")
     jwt_audience: str = Field("", description="Required aud claim of JWTs (empty: not checked)")
     jwt_issuer: str = Field("", description="Required iss claim of JWTs (empty: not checked)")
+    compute_api_key_file: Path | None = Field(
+        None, description="The key this gateway presents to a compute that requires one (its scopes: dispatch and the routes')"
+    )
     rate_limit: str = Field("", description="Per API key, e.g. 100/second or 5000/hour (the limits library); empty: none")
     rate_limit_storage_uri: str = Field(
         "memory://", description="Rate-limit counters: memory:// (per worker) or redis://host:6379 (shared)"

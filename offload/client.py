@@ -176,13 +176,31 @@ def service_config(idempotent_methods: Iterable[str], max_attempts: int) -> str:
     return json.dumps(config)
 
 
+class _BearerKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call of the channel (plain, batched, streams)."""
+
+    def __init__(self, key: str) -> None:
+        self._entry = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._entry)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
+        return await continuation(self._with_key(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[override]
+        return await continuation(self._with_key(client_call_details), request)
+
+
 class ComputeChannel:
     """One gRPC channel to compute (or several replicas behind one target), batching included.
 
     `target`: "host:port", "unix:/path.sock", "dns:///name:port". `credentials`: None for
     plaintext, else `grpc.ssl_channel_credentials(...)`. `batch_window`: seconds a call may
     wait for others (0: only the calls of the same loop iteration). `batching=False` sends every
-    call plain.
+    call plain. `api_key`: sent as `authorization: Bearer <key>` on every call, for a compute
+    that requires one (compute/auth.py).
     """
 
     def __init__(
@@ -190,6 +208,7 @@ class ComputeChannel:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         idempotent_methods: Iterable[str] = (),
         retry_max_attempts: int = 3,
@@ -202,6 +221,7 @@ class ComputeChannel:
     ) -> None:
         self.target = target
         self._credentials = credentials
+        self._interceptors = [_BearerKey(api_key)] if api_key else []
         self._idempotent = frozenset(idempotent_methods)
         self.retry_max_attempts = retry_max_attempts
         self._batching = batching
@@ -240,9 +260,11 @@ class ComputeChannel:
         if self._channel is not None or self._closed:
             raise RuntimeError("ComputeChannel already started")
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options, interceptors=self._interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options=self._options, interceptors=self._interceptors
+            )
         if self._batching:
             self._policy_task = asyncio.get_running_loop().create_task(self._follow_policy(), name="offload-batching-policy")
 

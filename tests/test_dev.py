@@ -108,6 +108,7 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
         "OFFLOAD_GATEWAY_ROUTE_TIMEOUTS": '{"CountAbove": 20, "Search": 10}',
         "OFFLOAD_GATEWAY_CORS_ALLOW_ORIGINS": '["https://app.example"]',
         "OFFLOAD_GATEWAY_API_KEYS": "[]",
+        "OFFLOAD_COMPUTE_API_KEYS": "[]",
         "OFFLOAD_GATEWAY_AUTH_OPEN_PATHS": '["/readyz", "/metrics", "/docs", "/openapi.json"]',
     }
     text = dotenv + "".join(f"{k}={v}\n" for k, v in json_lines.items())
