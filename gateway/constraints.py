@@ -85,13 +85,18 @@ def value_keywords(field: FD, rules: Any, element: bool = False) -> dict[str, An
         if well_known in _STRING_FORMATS and getattr(typed, well_known):
             out["format"] = _STRING_FORMATS[well_known]
         return out
-    if kind == "enum":
-        names = [v.name for v in field.enum_type.values]
-        allowed = set(getattr(typed, "in")) or {v.number for v in field.enum_type.values}
-        allowed -= set(typed.not_in)
-        kept = [v.name for v in field.enum_type.values if v.number in allowed]
-        return {"enum": kept} if kept != names else {}
-    return {}
+    return {}  # enums: enum_allowed()
+
+
+def enum_allowed(field: FD) -> set[int] | None:
+    """The enum numbers a field's rules allow (`in`, `not_in`); None when every defined value is."""
+    rules = field_rules(field)
+    if rules is None or rules.WhichOneof("type") != "enum":
+        return None
+    typed = rules.enum
+    defined = {v.number for v in field.enum_type.values}
+    allowed = (set(getattr(typed, "in")) or defined) - set(typed.not_in)
+    return None if allowed == defined else allowed
 
 
 def list_keywords(field: FD) -> tuple[dict[str, Any], dict[str, Any]]:

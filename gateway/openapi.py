@@ -124,6 +124,8 @@ class SchemaBuilder:
             if element and "$ref" not in schema[inner]:
                 schema[inner] = {**schema[inner], **element}
             return schema
+        if f.type == FD.TYPE_ENUM:
+            return self.enum(f, constraints.enum_allowed(f))
         keywords = constraints.value_keywords(f, constraints.field_rules(f))
         return {**schema, **keywords} if keywords else schema
 
@@ -139,12 +141,19 @@ class SchemaBuilder:
         if f.type == FD.TYPE_MESSAGE:
             return self.ref(f.message_type)
         if f.type == FD.TYPE_ENUM:
-            schema: dict[str, Any] = {"type": "string", "enum": [v.name for v in f.enum_type.values]}
-            values = {v.name: self.docs.of_value(f.enum_type, v) for v in f.enum_type.values}
-            if any(values.values()):
-                schema["x-enum-descriptions"] = {name: text for name, text in values.items() if text}
-            return schema
+            return self.enum(f, None)
         return dict(_SCALARS[f.type])
+
+    def enum(self, f: FD, allowed: set[int] | None) -> dict[str, Any]:
+        """Names (what responses carry) or numbers: proto3 JSON parsers accept both."""
+        kept = [v for v in f.enum_type.values if allowed is None or v.number in allowed]
+        schema: dict[str, Any] = {
+            "anyOf": [{"type": "string", "enum": [v.name for v in kept]}, {"type": "integer", "enum": [v.number for v in kept]}]
+        }
+        values = {v.name: self.docs.of_value(f.enum_type, v) for v in kept}
+        if any(values.values()):
+            schema["x-enum-descriptions"] = {name: text for name, text in values.items() if text}
+        return schema
 
 
 def build_openapi(

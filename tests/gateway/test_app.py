@@ -74,7 +74,8 @@ def test_openapi_is_generated_from_the_descriptors(client):
     assert "202" in submit["responses"] and "Location" in submit["responses"]["202"]["headers"]
     job = schemas["offload.v1.Job"]["properties"]
     assert job["resultCount"]["type"] == "string" and job["resultCount"]["format"] == "int64"
-    assert job["state"]["enum"][:2] == ["JOB_STATE_UNSPECIFIED", "QUEUED"]
+    assert job["state"]["anyOf"][0]["enum"][:2] == ["JOB_STATE_UNSPECIFIED", "QUEUED"]  # names, or numbers:
+    assert job["state"]["anyOf"][1] == {"type": "integer", "enum": [0, 1, 2, 3, 4, 5]}
     assert job["createTime"] == {"type": "string", "format": "date-time"}
     # Query parameters of a GET, repeated ones exploded; the path variable excluded from the body.
     list_params = {p["name"]: p for p in paths["/v1/jobs"]["get"]["parameters"]}

@@ -2,7 +2,7 @@
 user runs it, with every phase (examples, coverage, fuzzing, stateful) and every check, bounded
 to a few dozen examples per operation and a fixed seed. It must find nothing.
 
-Two built-in checks run with one deliberate exclusion each (tests/gateway/schemathesis_hooks.py):
+Three built-in checks run with one deliberate exclusion each (tests/gateway/schemathesis_hooks.py):
 - "schema-valid request rejected" spares a 400 for a limit known only at run time or for data
   rather than shape: the vector's length must be the table's dimension (the gateway does not
   know it), a zero vector has no cosine similarity (JSON Schema cannot say "not all zeros"), a
@@ -10,6 +10,9 @@ Two built-in checks run with one deliberate exclusion each (tests/gateway/schema
   FAILED_PRECONDITION (cancelling a finished job) is about the resource's state, not the request.
 - "server error" spares a 504 DEADLINE_EXCEEDED for an X-Request-Timeout under a second: the
   caller's own deadline passing is the contract.
+- "schema-violating request accepted" spares a request whose only violation is an unknown
+  header: HTTP servers ignore headers they do not know. (It showed only when a 5e-324 s
+  deadline happened not to expire first, so this check was flaky, not wrong about the API.)
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def test_schemathesis_finds_nothing(gateway_url, tmp_path):
     command = [
         ST, "run", f"{gateway_url}/openapi.json",
         "--checks", "all",
-        "--exclude-checks", "positive_data_acceptance,not_a_server_error",  # replaced by the hooks' versions
+        # Replaced by the hooks' narrowed versions:
+        "--exclude-checks", "positive_data_acceptance,not_a_server_error,negative_data_rejection",
         "--max-examples", "30",
         "--request-timeout", "20",
         "--seed", "1",
