@@ -71,7 +71,14 @@ def newcomer(tmp_path):
     yield checkout, home, env
 
 
-def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer, tmp_path):
+@pytest.fixture
+def shm_dir():
+    path = Path(tempfile.mkdtemp(prefix="offload-dev-test-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer, tmp_path, shm_dir):
     checkout, home, env = newcomer
     section = readme_section()
     blocks = code_blocks(section)
@@ -96,7 +103,6 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
     # Step 4: the README's .env lines, then every JSON-valued setting as JSON, then this test's
     # own addresses and sizes.
     [dotenv] = [block for block in blocks if block.startswith("# .env")]
-    shm_dir = Path(tempfile.mkdtemp(prefix="offload-dev-test-", dir="/dev/shm"))
     port = free_port()
     socket = tmp_path / "compute.sock"
     json_lines = {
@@ -171,4 +177,3 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
             os.killpg(make.pid, signal.SIGKILL)
             make.wait(10)
         log.close()
-        shutil.rmtree(shm_dir, ignore_errors=True)
