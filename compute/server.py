@@ -183,14 +183,17 @@ class ComputeServer:
         log.info("compute draining", extra={"grace_seconds": grace})
         if self._readiness_task is not None:
             self._readiness_task.cancel()
+        if self._calls is not None:
+            # New calls are refused by the call path (UNAVAILABLE: retry elsewhere) from now on,
+            # not only once the gRPC server stops accepting them: a call that reaches grpc while
+            # it shuts down may otherwise be cancelled instead.
+            self._calls.ready = False
         await self._set_health(NOT_SERVING)
         if self.jobs is not None:
             self.jobs.drain()  # end watch streams now, or they would hold the whole grace period
         if self._server is not None:
             # New calls are refused at once; in-flight calls get `grace` seconds.
             await self._server.stop(grace)
-        if self._calls is not None:
-            self._calls.ready = False
         if self.jobs is not None:
             await self.jobs.stop()  # before the pool: running chunks are stopped, their jobs requeued
         if self.pool is not None:
