@@ -68,17 +68,14 @@ def value_keywords(field: FD, rules: Any, element: bool = False) -> dict[str, An
     if kind in ("int64", "sint64", "sfixed64") and typed.HasField("gte") and typed.gte >= 0:
         return {"pattern": "^[0-9]{1,18}$"}  # a JSON string: only "not negative" can be said
     if kind in _NUMERIC.values():
-        out = {_BOUNDS[name]: getattr(typed, name) for name in _BOUNDS if typed.HasField(name)}
+        out = _present(typed, _BOUNDS)
         if typed.HasField("const"):
             out["const"] = typed.const
         if len(getattr(typed, "in")):
             out["enum"] = list(getattr(typed, "in"))
         return out
     if kind == "string":
-        out = {}
-        for name, keyword in (("min_len", "minLength"), ("max_len", "maxLength"), ("pattern", "pattern"), ("const", "const")):
-            if typed.HasField(name):
-                out[keyword] = getattr(typed, name)
+        out = _present(typed, {"min_len": "minLength", "max_len": "maxLength", "pattern": "pattern", "const": "const"})
         if len(getattr(typed, "in")):
             out["enum"] = list(getattr(typed, "in"))
         well_known = typed.WhichOneof("well_known")
@@ -107,22 +104,12 @@ def list_keywords(field: FD) -> tuple[dict[str, Any], dict[str, Any]]:
     kind = rules.WhichOneof("type")
     if kind == "repeated":
         typed = rules.repeated
-        out = {}
-        if typed.HasField("min_items"):
-            out["minItems"] = typed.min_items
-        if typed.HasField("max_items"):
-            out["maxItems"] = typed.max_items
+        out = _present(typed, {"min_items": "minItems", "max_items": "maxItems"})
         if typed.unique:
             out["uniqueItems"] = True
         return out, value_keywords(field, typed.items, element=True) if typed.HasField("items") else {}
     if kind == "map":
-        typed = rules.map
-        out = {}
-        if typed.HasField("min_pairs"):
-            out["minProperties"] = typed.min_pairs
-        if typed.HasField("max_pairs"):
-            out["maxProperties"] = typed.max_pairs
-        return out, {}
+        return _present(rules.map, {"min_pairs": "minProperties", "max_pairs": "maxProperties"}), {}
     return {}, {}
 
 
@@ -154,3 +141,8 @@ def set_keywords(message: Descriptor, json_name: str) -> dict[str, Any]:
 
 def _is_map(field: FD) -> bool:
     return field.type == FD.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+
+
+def _present(rules: Any, keywords: dict[str, str]) -> dict[str, Any]:
+    """JSON Schema keyword -> value, for each rule field that is set."""
+    return {keyword: getattr(rules, name) for name, keyword in keywords.items() if rules.HasField(name)}

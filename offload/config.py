@@ -89,48 +89,23 @@ def import_modules(names: list[str], variable: str) -> list[ModuleType]:
 
 def module_list(value: Any) -> Any:
     """A before-validator: JSON list, or comma-separated names."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise ValueError('expected a JSON list of strings such as ["a.b", "c.d"], or names separated by commas') from None
-    return [part.strip() for part in text.split(",") if part.strip()]
+    return _json_or_text(
+        value, "[", 'expected a JSON list of strings such as ["a.b", "c.d"], or names separated by commas',
+        lambda text: [part.strip() for part in text.split(",") if part.strip()],
+    )
 
 
 def entry_list(value: Any) -> Any:
     """A before-validator for entries that contain commas themselves: JSON list, or entries
     separated by whitespace (spaces, newlines)."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise ValueError("expected a JSON list of strings, or entries separated by spaces") from None
-    return text.split()
+    return _json_or_text(value, "[", "expected a JSON list of strings, or entries separated by spaces", str.split)
 
 
 def number_map(value: Any) -> Any:
     """A before-validator: JSON object, or `name=value` pairs separated by commas."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise ValueError('expected a JSON object such as {"Search": 10}, or pairs such as Search=10,GetItem=1') from None
-    pairs = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, number = part.partition("=")
-        if not sep:
-            raise ValueError(f'expected name=value pairs such as Search=10, got {part!r}')
-        pairs[key.strip()] = number.strip()
-    return pairs
+    return _json_or_text(
+        value, "{", 'expected a JSON object such as {"Search": 10}, or pairs such as Search=10,GetItem=1', _pairs
+    )
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -181,3 +156,25 @@ def _error_line(error: Any, sources: _Sources, prefix: str) -> str:
     where = "".join(f"[{part!r}]" for part in loc[1:])
     return f"{sources.describe(variable)}: {where + ': ' if where else ''}{message}"
 
+
+def _json_or_text(value: Any, opener: str, expected: str, parse_text: Callable[[str], Any]) -> Any:
+    """JSON when the (string) value starts with `opener`, else `parse_text(value)`; other types pass."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith(opener):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(expected) from None
+    return parse_text(text)
+
+
+def _pairs(text: str) -> dict[str, str]:
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, number = part.partition("=")
+        if not sep:
+            raise ValueError(f'expected name=value pairs such as Search=10, got {part!r}')
+        pairs[key.strip()] = number.strip()
+    return pairs
