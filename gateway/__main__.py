@@ -54,6 +54,13 @@ def main() -> int:
             workers=settings.workers,
             loop="uvloop",
             http="httptools",
+            # WebSocket streams (gateway/websocket.py): the sans-I/O websockets protocol, pinned
+            # with the websockets library; its send() waits while the socket's buffer is full.
+            ws="websockets-sansio",
+            ws_max_size=settings.max_body_bytes,
+            ws_ping_interval=settings.ws_ping_interval_seconds,
+            ws_ping_timeout=settings.ws_ping_timeout_seconds,
+            ws_per_message_deflate=settings.ws_compression,
             access_log=False,
             log_config=None,  # our JSON logging (configured in each worker by create_app)
             proxy_headers=False,

@@ -26,6 +26,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.rest_call import RestCall
 from gateway.settings import GatewaySettings
 from gateway.sse import serve_stream
+from gateway.websocket import deny, origin_allowed, serve_websocket
 from gateway.transcoding import Route
 from offload import context
 
@@ -63,6 +64,8 @@ class RestFrontend:
         self._by_method: dict[str, list[Route]] = {}
         for route in routes:
             self._by_method.setdefault(route.http_method, []).append(route)
+        # A WebSocket upgrade reaches any server-streaming route by its path (gateway/websocket.py).
+        self._streams = [r for r in routes if r.streaming]
         # Who may call: API keys, per-route scopes, per-key rate limits (gateway/auth.py).
         self._auth = build_authenticator(settings) if settings.auth_enabled else None
         self._rate = RateLimiter(settings.rate_limit, settings.rate_limit_storage_uri) if settings.rate_limit else None
@@ -86,17 +89,26 @@ class RestFrontend:
         self._counts: dict[tuple[str, int], Any] = {}  # (rpc, status) -> counter child, filled as seen
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.fallback(scope, receive, send)
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.fallback(scope, receive, send)  # lifespan
             return
         too_big = self._too_big(scope)
         if too_big is not None:  # before any parsing or routing: no work for oversized requests
-            await send_error(send, too_big, context.new_request_id())
+            await self._refuse(scope, send, too_big, context.new_request_id())
             return
-        if self._cors is not None:
+        if self._cors is not None and kind == "http":  # browsers apply no CORS to WebSockets
             await self._cors(scope, receive, send)
         else:
             await self._dispatch(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: dict[str, Any], send: Send, error: ApiError, request_id: str) -> None:
+        """An error response: plain HTTP, or the refusal of a WebSocket handshake."""
+        if scope["type"] == "websocket":
+            await deny(scope, send, error, request_id)
+        else:
+            await send_error(send, error, request_id)
 
     def _too_big(self, scope: dict[str, Any]) -> ApiError | None:
         """431 for too many or too large headers, 414 for a too long URL (uvicorn's httptools
@@ -113,13 +125,24 @@ class RestFrontend:
 
     async def _dispatch(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        route, values = self._match(scope["method"], raw_path)
+        websocket = scope["type"] == "websocket"
+        if websocket:
+            route, values = self._match_stream(raw_path)
+        else:
+            route, values = self._match(scope["method"], raw_path)
         try:
             headers = parse_headers(scope["headers"])
         except ApiError as exc:
-            await send_error(send, exc, context.new_request_id())
+            await self._refuse(scope, send, exc, context.new_request_id())
             return
         ctx = context.from_headers(headers.request_id, headers.traceparent, headers.tracestate)
+        if websocket and route is None:
+            await deny(scope, send, ApiError.http(404, "no server stream at this path (WebSocket)"), ctx.request_id)
+            return
+        if websocket and not origin_allowed(scope["headers"], self.settings.ws_allowed_origins):
+            self._count(route, 403)
+            await deny(scope, send, ApiError(403, "PERMISSION_DENIED", "this Origin may not open WebSockets here"), ctx.request_id)
+            return
         if self._auth is not None and not (route is None and scope["path"] in self._open_paths):
             try:
                 key = self._auth.principal(credential_of(headers.authorization, headers.api_key))
@@ -129,7 +152,7 @@ class RestFrontend:
             except ApiError as exc:
                 if route is not None:
                     self._count(route, exc.http_status)
-                await send_error(send, exc, ctx.request_id)
+                await self._refuse(scope, send, exc, ctx.request_id)
                 return
             ctx = dataclasses.replace(ctx, principal=key.key_id)
         with context.bound(ctx):
@@ -140,11 +163,10 @@ class RestFrontend:
             await self._serve(RestCall(route, values, scope, receive, send, headers, ctx, compute))
 
     def _match(self, method: str, raw_path: str) -> tuple[Route | None, dict[str, str]]:
-        for route in self._by_method.get(method, ()):
-            values = route.path.match(raw_path)
-            if values is not None:
-                return route, values
-        return None, {}
+        return _first_match(self._by_method.get(method, ()), raw_path)
+
+    def _match_stream(self, raw_path: str) -> tuple[Route | None, dict[str, str]]:
+        return _first_match(self._streams, raw_path)
 
     async def _serve(self, call: RestCall) -> None:
         route = call.route
@@ -156,6 +178,9 @@ class RestFrontend:
         try:
             if call.compute is None:
                 raise ApiError.http(503, "gateway is starting")
+            if call.scope["type"] == "websocket":
+                status = await serve_websocket(call, self.settings)
+                return
             message, timeout = await call.prepare(self.settings.max_body_bytes)
             if route.streaming:
                 status = await serve_stream(call, message, timeout, self.settings.sse_keepalive_seconds)
@@ -163,14 +188,14 @@ class RestFrontend:
                 status = await serve_unary(call, message, timeout)
         except ApiError as exc:
             status = exc.http_status
-            await send_error(call.send, exc, call.ctx.request_id)
+            await self._refuse(call.scope, call.send, exc, call.ctx.request_id)
         except ClientDisconnected:
             status = 499
         except Exception:
             # A bug, never a stack trace to the client: log it with the request id.
             log.exception("unhandled error", extra={"rpc": route.name})
             status = 500
-            await send_error(call.send, ApiError.http(500, "internal error"), call.ctx.request_id)
+            await self._refuse(call.scope, call.send, ApiError.http(500, "internal error"), call.ctx.request_id)
         finally:
             del self.inflight[key]
             self.metrics.inflight.dec()
@@ -178,7 +203,7 @@ class RestFrontend:
             self._latency[route.full_method].observe(elapsed)
             self._count(route, status)
             if self.settings.access_log:
-                log.info("request", extra={"rpc": route.name, "method": call.scope["method"], "path": call.scope["path"],
+                log.info("request", extra={"rpc": route.name, "method": call.scope.get("method", "WEBSOCKET"), "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})
 
     @staticmethod
@@ -214,3 +239,11 @@ class RestFrontend:
             await send(message)
 
         await self.fallback(scope, receive, send_with_id)
+
+
+def _first_match(routes, raw_path: str) -> tuple[Route | None, dict[str, str]]:
+    for route in routes:
+        values = route.path.match(raw_path)
+        if values is not None:
+            return route, values
+    return None, {}

@@ -273,7 +273,15 @@ def _operation(route: Route, schemas: SchemaBuilder, max_timeout_seconds: float)
          "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_timeout_seconds},
          "description": "Deadline in seconds for this call, at most the gateway's maximum"},
     ]
-    grpc_line = f"gRPC `{route.full_method}`" + (" (server stream, served as Server-Sent Events)" if route.streaming else "")
+    grpc_line = f"gRPC `{route.full_method}`"
+    if route.streaming:
+        resume = route.sse.resume_from_field if route.sse else ""
+        grpc_line += (
+            " (server stream, served as Server-Sent Events). The same path also upgrades to a WebSocket: "
+            "one text message per streamed message, the same JSON as the events' data"
+            + (f", resume with the `{resume}` query parameter" if resume else "")
+            + "; close 1000 after the last message, or the error body then 4000 + the gRPC code."
+        )
     comment = schemas.docs.of(route.method)
     operation: dict[str, Any] = {
         "operationId": route.operation_id,

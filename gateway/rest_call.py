@@ -36,12 +36,16 @@ class RestCall:
 
     async def prepare(self, max_body: int) -> tuple[Any, float]:
         """The request message and the deadline (seconds), or ApiError 400/413/415."""
-        route, headers = self.route, self.headers
         body = None
-        if route.has_body:
-            body = await read_body(self.receive, max_body, headers.content_length)
+        if self.route.has_body:
+            body = await read_body(self.receive, max_body, self.headers.content_length)
             if body:
-                check_json_content_type(headers.content_type)
+                check_json_content_type(self.headers.content_type)
+        return self.bind(body)
+
+    def bind(self, body: bytes | None) -> tuple[Any, float]:
+        """The request message from the path, query and `body` (JSON), and the deadline; ApiError 400."""
+        route, headers = self.route, self.headers
         query = _query_pairs(self.scope.get("query_string", b""))
         extra = None
         if route.sse is not None and route.sse.resume_from_field and headers.last_event_id:

@@ -72,6 +72,17 @@ class GatewaySettings(BaseSettings):
     readiness_timeout_seconds: float = Field(1.0, gt=0, description="Deadline of the health check behind /readyz")
     sse_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent after this much silence")
 
+    # -- WebSocket streams (gateway/websocket.py) -------------------------------------------
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Browser origins allowed to open a WebSocket, e.g. https://app.example.com or *; same-origin and non-browser clients always are"
+    )
+    ws_ping_interval_seconds: float = Field(20.0, gt=0, description="WebSocket ping sent after this long; the peer's pong keeps the socket")
+    ws_ping_timeout_seconds: float = Field(20.0, gt=0, description="A WebSocket whose pong is this late is closed (1011)")
+    ws_send_timeout_seconds: float = Field(
+        30.0, gt=0, description="A WebSocket reader that takes no message for this long is dropped (its buffer is bounded, never grown)"
+    )
+    ws_compression: bool = Field(False, description="permessage-deflate on WebSockets (less bandwidth, more CPU and ~300 KiB per socket)")
+
     # -- who may call (gateway/auth.py) ------------------------------------------------------
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="API keys required: auto = when listening beyond loopback; on; off (trusted networks only)"
@@ -107,7 +118,7 @@ class GatewaySettings(BaseSettings):
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
 
-    _names = field_validator("extra_proto_modules", "proto_modules", "cors_allow_origins", "auth_open_paths", mode="before")(
+    _names = field_validator("extra_proto_modules", "proto_modules", "cors_allow_origins", "auth_open_paths", "ws_allowed_origins", mode="before")(
         module_list
     )
     _keys = field_validator("api_keys", mode="before")(entry_list)

@@ -84,10 +84,11 @@ def echo(request: testing_pb2.EchoRequest, runtime) -> testing_pb2.EchoRequest:
 
 @light(f"{SERVICE}.Ticks")
 async def ticks(request: testing_pb2.TicksRequest, runtime):
+    pad = {"pad": "x" * request.pad_bytes} if request.pad_bytes else {}
     for index in range(request.after_index + 1, request.count + 1):
         if request.interval_ms:
             await asyncio.sleep(request.interval_ms / 1000)
-        yield testing_pb2.Tick(index=index)
+        yield testing_pb2.Tick(index=index, **pad)
 
 
 class _Named(ComputeError):

@@ -113,6 +113,7 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
         "OFFLOAD_GATEWAY_PROTO_MODULES": '["offload.v1.compute_pb2"]',
         "OFFLOAD_GATEWAY_ROUTE_TIMEOUTS": '{"CountAbove": 20, "Search": 10}',
         "OFFLOAD_GATEWAY_CORS_ALLOW_ORIGINS": '["https://app.example"]',
+        "OFFLOAD_GATEWAY_WS_ALLOWED_ORIGINS": '["https://app.example"]',
         "OFFLOAD_GATEWAY_API_KEYS": "[]",
         "OFFLOAD_COMPUTE_API_KEYS": "[]",
         "OFFLOAD_GATEWAY_AUTH_OPEN_PATHS": '["/readyz", "/metrics", "/docs", "/openapi.json"]',
