@@ -23,7 +23,7 @@ import pytest
 import websockets
 
 from offload.v1 import jobs_pb2
-from tests.conftest import ComputeLauncher, ComputeProcess, metric_sample, wait_until
+from tests.conftest import ROOT, ComputeLauncher, ComputeProcess, metric_sample, wait_until
 from tests.gateway.conftest import GatewayLauncher, GatewayProcess
 from tests.jobs.helpers import TERMINAL, submit_ids, wait_state
 
@@ -239,3 +239,14 @@ def test_a_reader_that_never_reads_is_dropped_with_bounded_memory(gateway_with):
     assert growth < 64 * 2**20
     # The gateway serves on.
     assert httpx.get(gateway.url + "/v1/testing/ticks/1", timeout=10).status_code == 200
+
+
+def test_the_readme_websocket_snippet_runs(ws_stack, capsys):
+    """The README's "Learning that a job finished" snippet, run as written against this stack."""
+    compute, gateway = ws_stack
+    text = (ROOT / "README.md").read_text()
+    snippet = text.split("# pip install websockets\n", 1)[1].split("```", 1)[0]
+    job = submit_ids(compute, ["item-1", "item-2"], k=3)
+    code = snippet.replace("PASTE-A-JOB-ID", job.id).replace("localhost:8000", f"127.0.0.1:{gateway.port}")
+    exec(code, {})  # noqa: S102 - our own README
+    assert "'state': 'SUCCEEDED'" in capsys.readouterr().out
