@@ -34,6 +34,7 @@ from compute.servicer import OperationServicer
 from compute.settings import ComputeSettings
 from compute.table import EmbeddingTable
 from offload.config import ConfigError
+from offload import loop_debug
 from offload.heartbeat import Heartbeat
 from offload.keys import KeyRing
 from offload.v1 import http_options_pb2
@@ -95,6 +96,8 @@ class ComputeServer:
         self._started = True
         settings = self.settings
         started = time.perf_counter()
+        if settings.asyncio_debug:
+            loop_debug.enable(asyncio.get_running_loop(), settings.slow_callback_seconds)
 
         for directory in dict.fromkeys([settings.shm_dir, shm.SEMAPHORE_DIR]):
             shm.sweep_stale(directory)
