@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from compute import worker
+from compute import shm, worker
 from compute.errors import Unavailable
 
 log = logging.getLogger("compute.pool")
@@ -35,8 +35,10 @@ RESTARTING = "the worker pool is restarting; safe to retry shortly"
 def prepare(blas_threads: int) -> None:
     """Start the forkserver (call once, before any gRPC object exists).
 
-    The BLAS thread variables are set first so that every worker inherits them.
+    The BLAS thread variables are set first so that every worker inherits them, and the pool's
+    semaphores are named after this process, so a start-up sweep can remove them once it is dead.
     """
+    shm.name_semaphores()
     for name in BLAS_THREAD_VARIABLES:
         os.environ[name] = str(blas_threads)
     multiprocessing.set_forkserver_preload(["compute.worker"])

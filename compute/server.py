@@ -1,7 +1,7 @@
 """ComputeServer: assembles table, pool, gRPC server, health, reflection, metrics, heartbeat.
 
 Start-up order matters:
-  1. sweep stale segments, start the forkserver (before any gRPC object: grpc#16001);
+  1. sweep stale segments and semaphores, start the forkserver (before any gRPC object: grpc#16001);
   2. listen, with health NOT_SERVING, so orchestrators see "alive, not ready";
   3. build the table in a thread (the loop keeps answering health), then start the pool;
   4. SERVING.
@@ -34,6 +34,7 @@ from compute.servicer import OperationServicer
 from compute.settings import ComputeSettings
 from compute.table import EmbeddingTable
 from offload.config import ConfigError
+from offload import loop_debug
 from offload.heartbeat import Heartbeat
 from offload.keys import KeyRing
 from offload.v1 import http_options_pb2
@@ -95,8 +96,11 @@ class ComputeServer:
         self._started = True
         settings = self.settings
         started = time.perf_counter()
+        if settings.asyncio_debug:
+            loop_debug.enable(asyncio.get_running_loop(), settings.slow_callback_seconds)
 
-        shm.sweep_stale(settings.shm_dir)
+        for directory in dict.fromkeys([settings.shm_dir, shm.SEMAPHORE_DIR]):
+            shm.sweep_stale(directory)
         pool_module.prepare(settings.blas_threads)
         calls = self._calls = CallPath(self._operations, CallMetrics(self.registry))
         self.heartbeat = Heartbeat(

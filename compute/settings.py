@@ -119,6 +119,12 @@ class ComputeSettings(BaseSettings):
     # -- heartbeat ------------------------------------------------------------------------
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
+    asyncio_debug: bool = Field(
+        False, description="asyncio debug mode: log every loop callback slower than slow_callback_seconds (try it first when the heartbeat reports stalls)"
+    )
+    slow_callback_seconds: float = Field(
+        0.1, gt=0, description="With asyncio_debug: a callback running longer than this is logged"
+    )
 
     _names = field_validator(
         "extra_operation_modules", "operation_modules", "unserved_methods", "extra_job_type_modules", "job_type_modules",

@@ -6,13 +6,15 @@ tracker, so no process but the owner can ever unlink a segment (cpython#82300), 
 same code maps a snapshot directory on disk.
 
 Segment names embed the owner's pid, so segments left by a crashed run are recognised and
-swept at start-up.
+swept at start-up. The POSIX semaphores multiprocessing creates for the pool's queues are named
+the same way (`name_semaphores`), so the sweep recognises those too.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+import multiprocessing.process
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +25,9 @@ import numpy as np
 log = logging.getLogger("compute.shm")
 
 PREFIX = "offload"
-_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-")
+# glibc keeps a named POSIX semaphore `/name` as the file /dev/shm/sem.name, whatever shm_dir is.
+SEMAPHORE_DIR = Path("/dev/shm")
+_NAME_RE = re.compile(rf"^(?:sem\.)?{PREFIX}-(\d+)-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +94,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def name_semaphores() -> None:
+    """Name the semaphores multiprocessing creates from now on in this process after it:
+    /dev/shm/sem.offload-<pid>-mp-<random> instead of sem.mp-<random>.
+
+    Each ProcessPoolExecutor makes five (its call queue's two locks and bounded semaphore, its
+    result queue's two locks). Under forkserver they must stay named while workers open them, and
+    only their finalizers or the resource tracker unlink them: a compute SIGKILLed together with
+    its tracker (a process-group kill) leaves them behind, as anonymous `sem.mp-*` files nobody
+    could tell from another program's. With our prefix and pid in the name, `sweep_stale` removes
+    them at the next start-up, and never anyone else's. `semprefix` is multiprocessing's own
+    setting for this (private, unchanged since Python 3.4); without it the names stay default.
+    """
+    config = getattr(multiprocessing.process.current_process(), "_config", None)
+    if isinstance(config, dict) and "semprefix" in config:
+        config["semprefix"] = f"/{PREFIX}-{os.getpid()}-mp"
+
+
 def sweep_stale(directory: Path) -> list[str]:
-    """Remove segments whose owner process is gone (a crashed or SIGKILLed run)."""
+    """Remove segments and semaphores whose owner process is gone (a crashed or SIGKILLed run)."""
     removed = []
     if not directory.is_dir():
         return removed

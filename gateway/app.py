@@ -8,6 +8,7 @@ shutdown it closes both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from gateway.metrics import GatewayMetrics, worker_exited
 from gateway.openapi import build_openapi
 from gateway.settings import GatewaySettings
 from gateway.transcoding import routes_from_settings
-from offload import config, logs
+from offload import config, logs, loop_debug
 from offload.heartbeat import Heartbeat
 
 log = logging.getLogger("gateway")
@@ -41,6 +42,8 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        if settings.asyncio_debug:  # here: the lifespan runs on this worker's own loop
+            loop_debug.enable(asyncio.get_running_loop(), settings.slow_callback_seconds)
         heartbeat = Heartbeat(
             interval=settings.heartbeat_interval,
             stall_threshold=settings.stall_threshold,

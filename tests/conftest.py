@@ -20,6 +20,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import leftovers
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTING_MODULES = ["tests.operations_testing"]  # served on top of the built-in operations
 
@@ -69,13 +71,41 @@ def metric_sample(text: str, name: str, **labels: str) -> float:
 
 
 def kill_orphans(processes: list[psutil.Process]) -> None:
-    """A SIGKILLed compute leaves its forkserver and pool workers behind: a test must not leak them."""
+    """A SIGKILLed compute leaves its forkserver and pool workers behind: a test must not leak them.
+
+    Its multiprocessing resource tracker is spared: it unlinks the pool's semaphores once the
+    other processes are gone, and exits. Killed with them, it would leave those in /dev/shm.
+    """
     for proc in processes:
         try:
-            proc.kill()
+            if not _is_resource_tracker(proc):
+                proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(processes, timeout=5)
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    leftovers.snapshot()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if this session's processes left anything in /dev/shm (after every fixture,
+    module-scoped ones included, has stopped its processes)."""
+    left = leftovers.wait_gone()
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"left in {leftovers.SHM} by this test session: {', '.join(left)}"
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(message, red=True, bold=True)
+        else:
+            print(message, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @dataclass
@@ -100,6 +130,7 @@ class ComputeProcess:
             [sys.executable, "-m", "compute"], cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT
         )
         log_file.close()
+        leftovers.record_pids([self.proc.pid])
         if wait:
             self.wait_serving(timeout)
         return self
@@ -182,6 +213,7 @@ class ComputeLauncher:
 
     def __call__(self, start: bool = True, **settings) -> ComputeProcess:
         shm_dir = Path(tempfile.mkdtemp(prefix="offload-test-", dir="/dev/shm"))
+        leftovers.record_dir(shm_dir)
         self.shm_dirs.append(shm_dir)
         socket = self.workdir / f"compute-{uuid.uuid4().hex[:8]}.sock"
         defaults = {

@@ -23,6 +23,7 @@ import pytest
 from compute.settings import ComputeSettings
 from compute.table import synthetic_arrays
 from gateway.settings import GatewaySettings
+from tests import leftovers
 from tests.conftest import ROOT, wait_until
 from tests.gateway.conftest import free_port
 
@@ -74,6 +75,7 @@ def newcomer(tmp_path):
 @pytest.fixture
 def shm_dir():
     path = Path(tempfile.mkdtemp(prefix="offload-dev-test-", dir="/dev/shm"))
+    leftovers.record_dir(path)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -144,6 +146,7 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
 
         wait_until(ready, 120, 0.1, "make dev ready")
         processes = psutil.Process(make.pid).children(recursive=True)
+        leftovers.record_pids(p.pid for p in processes)  # compute's semaphores are checked at session end
 
         # Step 5, the README's calls: the user's operations, and the built-ins still there.
         vectors, _ = synthetic_arrays(ROWS, DIM, SEED)

@@ -143,3 +143,31 @@ def test_compute_watchdog_end_to_end(compute_factory):
     stall_lines = [line for line in metrics.splitlines() if line.startswith("offload_loop_stalls_total ")]
     assert stall_lines and float(stall_lines[0].split()[1]) >= 1
     assert 'offload_compute_calls_total{code="OK",method="Block"} 1.0' in metrics
+
+
+def test_asyncio_debug_switch_logs_the_slow_callback(compute_factory):
+    """OFFLOAD_COMPUTE_ASYNCIO_DEBUG: the callback that held the loop is named in compute's own
+    JSON log (the asyncio logger through our formatter), even below the stall threshold."""
+    compute = compute_factory(pool_size=1, asyncio_debug=True, slow_callback_seconds=0.1)
+    testing = testing_pb2_grpc.TestingServiceStub(compute.channel())
+    testing.Block(testing_pb2.BlockRequest(seconds=0.3), timeout=10)  # below the 0.5 s stall threshold
+
+    def blocks() -> list[dict]:
+        """Slow-callback warnings of at least the Block's 0.3 s (start-up may log shorter ones)."""
+        return [
+            r for r in compute.log_records()
+            if r.get("logger") == "asyncio" and r["msg"].startswith("Executing ")
+            and float(r["msg"].rsplit(" took ", 1)[-1].split()[0]) >= 0.3
+        ]
+
+    wait_until(blocks, 10, message="the Block's slow-callback warning in compute's log")
+    record = blocks()[0]
+    assert record["level"] == "warning" and record["process"] == "compute"
+    assert [r for r in compute.log_records() if r["msg"].startswith("asyncio debug mode on")]
+
+
+def test_asyncio_debug_is_off_by_default(compute):
+    testing = testing_pb2_grpc.TestingServiceStub(compute.channel())
+    testing.Block(testing_pb2.BlockRequest(seconds=0.2), timeout=10)
+    compute.stop()
+    assert not [r for r in compute.log_records() if r.get("logger") == "asyncio"]

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from compute import shm
 from offload.testing.v1 import testing_pb2, testing_pb2_grpc
 from offload.v1 import compute_pb2, compute_pb2_grpc, search_pb2
 from tests.conftest import wait_until
@@ -115,6 +116,11 @@ def wait_burning(pid: int, amount: float = 0.05, timeout: float = 10) -> None:
 
 def segments(compute) -> set[str]:
     return {entry.name for entry in compute.shm_dir.iterdir()}
+
+
+def semaphores(pid: int) -> set[str]:
+    """The named POSIX semaphores a process made for its pool (shm.name_semaphores)."""
+    return {entry.name for entry in shm.SEMAPHORE_DIR.glob(f"sem.{shm.PREFIX}-{pid}-mp-*")}
 
 
 # -- healing ---------------------------------------------------------------------------------
@@ -393,3 +399,24 @@ def test_stale_segments_are_swept_and_workers_die_with_compute(compute_factory):
     assert remaining and not remaining & stale
     assert all(name.startswith(f"offload-{fresh.pid}-") for name in remaining)
     assert len(service(fresh).Search(search_pb2.SearchRequest(vector=np.ones(16).tolist(), k=2), timeout=5).hits) == 2
+
+
+def test_semaphores_left_by_a_group_kill_are_swept_at_start_up(compute_factory):
+    crashed = compute_factory(pool_size=1)
+    left = semaphores(crashed.pid)
+    assert left, "the pool's semaphores carry compute's pid"
+    # The whole tree at once, its resource tracker included (a process-group or cgroup kill):
+    # nothing is left to unlink them.
+    tree = psutil.Process(crashed.pid).children(recursive=True)
+    crashed.kill()
+    for proc in tree:
+        proc.kill()
+    psutil.wait_procs(tree, timeout=5)
+    assert semaphores(crashed.pid) == left
+
+    fresh = compute_factory(pool_size=1)
+    swept = {name for r in records(fresh, "removed stale shared-memory segments") for name in r["segments"]}
+    assert left <= swept and not semaphores(crashed.pid)
+    assert semaphores(fresh.pid)
+    assert fresh.stop() == 0
+    wait_until(lambda: not semaphores(fresh.pid), 10, message="a stopped compute's semaphores unlinked")
