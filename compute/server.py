@@ -133,6 +133,7 @@ class ComputeServer:
             max_inflight=settings.max_inflight,
             nice=settings.worker_nice,
             log_level=settings.log_level,
+            log_format=settings.log_format,
             chunk_rows=settings.search_chunk_rows,
             backoff=settings.rebuild_backoff_seconds,
             backoff_max=settings.rebuild_backoff_max_seconds,
