@@ -37,7 +37,7 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
     logs.configure("gateway", settings.log_level, settings.log_format)
     routes = routes_from_settings(settings, Codec())
     registry = CollectorRegistry()
-    metrics = GatewayMetrics(registry)
+    metrics = GatewayMetrics(registry, workers=settings.workers)
     inflight: dict[int, str] = {}  # shared by the frontend (writes) and the heartbeat (reports)
 
     @asynccontextmanager
