@@ -44,8 +44,16 @@ $(PROTO_STAMP): $(PROTOS) offload/protogen.py $(VENV)/.installed
 ENV_FILE := $(if $(filter undefined,$(origin OFFLOAD_ENV_FILE)),.env,$(OFFLOAD_ENV_FILE))
 WITH_DOTENV = $(if $(and $(ENV_FILE),$(wildcard $(ENV_FILE))),$(VENV)/bin/dotenv -f $(ENV_FILE) run --no-override --)
 
+# make dev is for people: console logs (honcho pipes our stderr, so `auto` would choose JSON),
+# coloured when make's own output is a terminal (FORCE_COLOR; NO_COLOR turns colours off). A
+# LOG_FORMAT from the environment or .env wins: the defaults are applied after .env is read.
+# The Procfile, the production entry, stays as it is: `auto` there.
+DEV_LOG_FORMAT = bash -c 'export OFFLOAD_COMPUTE_LOG_FORMAT="$${OFFLOAD_COMPUTE_LOG_FORMAT:-console}" \
+	OFFLOAD_GATEWAY_LOG_FORMAT="$${OFFLOAD_GATEWAY_LOG_FORMAT:-console}"; exec "$$@"' dev-log-format
+
 dev: install protos
-	$(WITH_DOTENV) $(VENV)/bin/honcho start -f Procfile --env /dev/null
+	if [ -t 1 ]; then export FORCE_COLOR="$${FORCE_COLOR:-1}"; fi; \
+	$(WITH_DOTENV) $(DEV_LOG_FORMAT) $(VENV)/bin/honcho start -f Procfile --env /dev/null
 
 compute: install protos
 	$(WITH_DOTENV) $(PY) -m compute

@@ -23,7 +23,7 @@ def main() -> int:
         for line in exc.lines:
             print(f"compute: {line}", file=sys.stderr)
         return 2
-    logs.configure("compute", settings.log_level)
+    logs.configure("compute", settings.log_level, settings.log_format)
     uvloop.run(server.serve())
     return 0
 

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from compute.jobs.store import STATES
 from compute.pool import PoolStats
 from offload.buckets import BATCH_BYTES_BUCKETS, BATCH_SIZE_BUCKETS, BATCH_WAIT_BUCKETS, LATENCY_BUCKETS
 
@@ -93,3 +94,22 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("offload_pool_queued", "Tasks waiting for a worker", value=stats.queued)
         yield GaugeMetricFamily("offload_pool_healthy", "1 when the pool serves, 0 while rebuilding", value=int(stats.healthy))
         yield GaugeMetricFamily("offload_pool_rebuilds", "Pool rebuilds after a worker died", value=stats.rebuilds)
+
+
+class JobsCollector(Collector):
+    """`offload_compute_jobs{state}`: jobs in the store per state, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int] | None]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._counts()
+        except Exception:  # the store unreadable for a moment: no sample beats a failed scrape
+            counts = None
+        if counts is None:
+            return
+        family = GaugeMetricFamily("offload_compute_jobs", "Jobs in the store, by state", labels=["state"])
+        for state in STATES:
+            family.add_metric([state], counts.get(state, 0))
+        yield family

@@ -90,6 +90,7 @@ class HealingPool:
         max_inflight: int,
         nice: int,
         log_level: str,
+        log_format: str = "auto",
         chunk_rows: int,
         backoff: float,
         backoff_max: float,
@@ -108,7 +109,7 @@ class HealingPool:
         self._flags, self._flags_spec = shm.create(shm_dir, "control", np.uint8, (size * max_batch,))
         self._supervisor = ExecutorSupervisor(
             size=size,
-            initargs=(table_spec, self._flags_spec, nice, log_level, chunk_rows),
+            initargs=(table_spec, self._flags_spec, nice, log_level, chunk_rows, log_format),
             backoff=backoff,
             backoff_max=backoff_max,
             backoff_reset=backoff_reset,

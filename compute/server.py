@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -27,7 +28,7 @@ from compute.auth import DISPATCH_SCOPE, TokenInterceptor
 from compute.batching import BATCHING_SERVICE, BatchingServicer
 from compute.calls import CallPath
 from compute.jobs.runner import JobService
-from compute.metrics import BatchMetrics, CallMetrics, PoolCollector, PoolMetrics
+from compute.metrics import BatchMetrics, CallMetrics, JobsCollector, PoolCollector, PoolMetrics
 from compute.pool import HealingPool
 from compute.runtime import Runtime
 from compute.servicer import OperationServicer
@@ -37,6 +38,7 @@ from offload.config import ConfigError
 from offload import loop_debug
 from offload.heartbeat import Heartbeat
 from offload.keys import KeyRing
+from offload.memory import PssCollector
 from offload.v1 import http_options_pb2
 
 log = logging.getLogger("compute.server")
@@ -114,6 +116,8 @@ class ComputeServer:
         self.registry.register(
             PoolCollector(lambda: self.pool.stats() if self.pool else None, lambda: self.table.nbytes if self.table else 0)
         )
+        self.registry.register(JobsCollector(lambda: self.jobs.store.count_by_state() if self.jobs else None))
+        self.registry.register(PssCollector(self._processes))
         self._start_metrics_http()
         await self._start_grpc(calls)
 
@@ -133,6 +137,7 @@ class ComputeServer:
             max_inflight=settings.max_inflight,
             nice=settings.worker_nice,
             log_level=settings.log_level,
+            log_format=settings.log_format,
             chunk_rows=settings.search_chunk_rows,
             backoff=settings.rebuild_backoff_seconds,
             backoff_max=settings.rebuild_backoff_max_seconds,
@@ -254,6 +259,11 @@ class ComputeServer:
         self._metrics_httpd = started[0] if isinstance(started, tuple) else None
         if self._metrics_httpd is not None:
             self.metrics_port = self._metrics_httpd.server_port
+
+    def _processes(self) -> dict[int, str]:
+        """pid -> role of compute and its pool workers, for the PSS gauge."""
+        workers = self.pool.worker_pids() if self.pool else []
+        return {os.getpid(): "compute", **{pid: "compute-worker" for pid in workers}}
 
     def _serving(self) -> bool:
         return (

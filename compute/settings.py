@@ -53,6 +53,9 @@ class ComputeSettings(BaseSettings):
         description="RPCs (package.Service.Method) knowingly left without an operation; any other one stops start-up",
     )
     log_level: str = Field("INFO", description="Log level for compute and its pool workers")
+    log_format: Literal["auto", "console", "json"] = Field(
+        "auto", description="Log lines: json (one object per line, for log shippers), console (aligned key=value, for people; coloured on a terminal), auto: console when stderr is a terminal, else json"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         [], description="Keys direct gRPC callers must present (key_id:sha256-hex:scopes); empty: none required"
     )

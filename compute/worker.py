@@ -117,7 +117,9 @@ class _WorkerState:
 _state: _WorkerState | None = None
 
 
-def initialize(table_spec: TableSpec, control_spec: shm.ArraySpec, nice: int, log_level: str, chunk_rows: int) -> None:
+def initialize(
+    table_spec: TableSpec, control_spec: shm.ArraySpec, nice: int, log_level: str, chunk_rows: int, log_format: str = "auto"
+) -> None:
     global _state
     # Ctrl-C / SIGTERM reach the whole process group; compute decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -125,7 +127,7 @@ def initialize(table_spec: TableSpec, control_spec: shm.ArraySpec, nice: int, lo
     _die_with_parent()
     if nice:
         os.nice(nice)  # serving loops get the CPU first
-    logs.configure("compute-worker", log_level)
+    logs.configure("compute-worker", log_level, log_format)  # same stderr as compute
     _state = _WorkerState(EmbeddingTable.attach(table_spec), shm.attach(control_spec), chunk_rows)
 
 

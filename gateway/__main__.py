@@ -40,7 +40,7 @@ def main() -> int:
         for line in exc.lines:
             print(f"gateway: {line}", file=sys.stderr)
         return 2
-    logs.configure("gateway", settings.log_level)
+    logs.configure("gateway", settings.log_level, settings.log_format)
     owned_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         owned_dir = tempfile.mkdtemp(prefix="offload-gateway-metrics-")

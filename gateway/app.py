@@ -34,10 +34,10 @@ log = logging.getLogger("gateway")
 def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
     """The ASGI app: a RestFrontend (its FastAPI part is `.fallback`). Call once per process."""
     settings = settings or config.load(GatewaySettings)
-    logs.configure("gateway", settings.log_level)
+    logs.configure("gateway", settings.log_level, settings.log_format)
     routes = routes_from_settings(settings, Codec())
     registry = CollectorRegistry()
-    metrics = GatewayMetrics(registry)
+    metrics = GatewayMetrics(registry, workers=settings.workers)
     inflight: dict[int, str] = {}  # shared by the frontend (writes) and the heartbeat (reports)
 
     @asynccontextmanager

@@ -14,12 +14,29 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess
 
 from offload.buckets import BATCH_SIZE_BUCKETS, BATCH_WAIT_BUCKETS, LATENCY_BUCKETS
+from offload.memory import PssCollector, children, is_resource_tracker
 
+
+
+def gateway_processes(workers: int) -> dict[int, str]:
+    """pid -> role of this gateway's processes: with several workers, uvicorn's supervisor (our
+    parent) and every worker it runs (its children); with one, this process alone."""
+    if workers <= 1:
+        return {os.getpid(): "gateway"}
+    supervisor = os.getppid()
+    # uvicorn spawns its workers, and spawning starts multiprocessing's resource tracker under
+    # the supervisor too: not a worker.
+    spawned = [pid for pid in children(supervisor) if not is_resource_tracker(pid)]
+    return {supervisor: "gateway-supervisor", **{pid: "gateway" for pid in spawned}}
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, workers: int = 1) -> None:
         self.registry = registry
+        # Read at scrape time by the worker that answers, for all of them (the files of
+        # multiprocess mode hold no memory figures).
+        self._pss = PssCollector(lambda: gateway_processes(workers))
+        registry.register(self._pss)
         self.requests = Counter(
             "offload_gateway_requests",
             "HTTP requests served by generated routes, by RPC and HTTP status.",
@@ -69,6 +86,7 @@ class GatewayMetrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            registry.register(self._pss)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -38,6 +38,9 @@ class GatewaySettings(BaseSettings):
     access_log: bool = Field(False, description="One JSON log line per request (costs ~100 us each)")
     graceful_shutdown_seconds: float = Field(10.0, gt=0, description="On SIGTERM, how long requests may finish")
     log_level: str = Field("INFO", description="Log level")
+    log_format: Literal["auto", "console", "json"] = Field(
+        "auto", description="Log lines: json (one object per line, for log shippers), console (aligned key=value, for people; coloured on a terminal), auto: console when stderr is a terminal, else json"
+    )
 
     # -- the hop to compute ----------------------------------------------------------------
     compute_address: str = Field(

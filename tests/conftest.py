@@ -20,6 +20,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from offload.memory import is_resource_tracker
 from tests import leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,15 +79,11 @@ def kill_orphans(processes: list[psutil.Process]) -> None:
     """
     for proc in processes:
         try:
-            if not _is_resource_tracker(proc):
+            if not is_resource_tracker(proc.pid):
                 proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(processes, timeout=5)
-
-
-def _is_resource_tracker(proc: psutil.Process) -> bool:
-    return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

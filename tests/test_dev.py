@@ -176,6 +176,14 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
         make.wait(60)
         gone, alive = psutil.wait_procs(processes, timeout=30)
         assert not alive, f"left running after Ctrl-C: {alive}"
+
+        # Logs for people: the console form (honcho pipes them, so `auto` alone would be JSON),
+        # without colours here since make's own output is a file.
+        dev_log = (tmp_path / "make-dev.log").read_text()
+        lines = [line.split("| ", 1)[1] for line in dev_log.splitlines() if re.match(r"^\S+ (compute|gateway)\.1 +\| ", line)]
+        assert any("compute ready" in line for line in lines) and any("gateway worker ready" in line for line in lines)
+        assert not [line for line in lines if line.startswith("{")], "make dev printed JSON log lines"
+        assert "\x1b" not in dev_log
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)

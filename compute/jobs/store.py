@@ -150,6 +150,11 @@ class JobStore(abc.ABC):
     async def recover(self, max_attempts: int, ttl: float, now: float) -> tuple[list[str], list[str]]:
         """Jobs left RUNNING by a dead process: (requeued ids, failed ids past max attempts)."""
 
+    @abc.abstractmethod
+    def count_by_state(self) -> dict[str, int]:
+        """Jobs per state. Plain function, not a coroutine: the metrics thread calls it at scrape
+        time, so it must not touch the event loop (the scrape answers while the loop stalls)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -268,6 +273,15 @@ class SqliteJobStore(JobStore):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def count_by_state(self) -> dict[str, int]:
+        # Its own read-only connection: the store's connection belongs to its thread, and WAL
+        # readers neither wait for nor block the writer.
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            return dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        finally:
+            conn.close()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._thread is None:
