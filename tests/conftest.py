@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -57,6 +58,20 @@ def terminate(proc: subprocess.Popen | None, timeout: float) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(5)
+
+
+class Captured(logging.Handler):
+    """Log records kept in memory, for tests of what a component logs in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def named(self, msg: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if r.getMessage() == msg]
 
 
 def metric_sample(text: str, name: str, **labels: str) -> float:

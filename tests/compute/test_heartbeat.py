@@ -12,19 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from offload.heartbeat import Heartbeat
 from offload.testing.v1 import testing_pb2, testing_pb2_grpc
 from offload.v1 import compute_pb2, compute_pb2_grpc
-from tests.conftest import wait_until
-
-
-class Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def named(self, msg: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.getMessage() == msg]
+from tests.conftest import Captured, wait_until
 
 
 def a_distinctively_named_blocking_call(seconds: float) -> float:

@@ -10,7 +10,7 @@ import time
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.conftest import wait_until
+from tests.conftest import Captured, wait_until
 from tests.gateway.conftest import TEST_PROTO_MODULES
 
 
@@ -23,15 +23,6 @@ def test_every_worker_turns_debug_mode_on(shared_compute, gateway_factory):
 
     wait_until(lambda: len(workers_in_debug_mode()) == 2, 10, message="both workers in asyncio debug mode")
     assert gateway.proc.pid not in workers_in_debug_mode(), "the workers' loops, not the launcher's"
-
-
-class Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def a_distinctively_named_blocking_call() -> None:
