@@ -22,12 +22,14 @@ def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        # A guard against a hang, not a measure: ~50 s on a quiet machine, and CI on a loaded one
+        # once took over 110 s (its 6 errors were this timeout, not a broken bench).
+        timeout=300,
     )
     return out, proc
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(330)
 def test_smoke_run_succeeds(smoke_run) -> None:
     out, proc = smoke_run
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
