@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from compute.jobs.webhook_policy import parse_allow_entry
+from compute.jobs.webhook_signing import parse_secret
 from offload.addresses import is_loopback
 from offload.config import entry_list, module_list
 from offload.keys import parse_entry
@@ -119,6 +121,21 @@ class ComputeSettings(BaseSettings):
     jobs_result_page_default: int = Field(100, ge=1, description="GetJob result entries when result_limit is 0")
     jobs_result_page_max: int = Field(1000, ge=1, description="Most GetJob result entries per page")
 
+    # -- webhooks (job callbacks) -------------------------------------------------------------
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="Standard Webhooks signing secrets (whsec_<base64>), JSON list or separated by spaces; every one signs (rotation). Empty: webhooks are off"
+    )
+    webhook_allowlist: Names = Field(
+        [], description="Webhook destinations allowed even when private or loopback: networks (10.1.0.0/16, 127.0.0.1) and host names (hooks.internal, *.corp.example)"
+    )
+    webhook_allow_public: bool = Field(True, description="Webhooks may go to any public (globally routable) address")
+    webhook_allow_http: bool = Field(False, description="Webhook URLs may be plain http (default: https only)")
+    webhook_max_attempts: int = Field(10, ge=1, description="Attempts per webhook delivery before it gives up")
+    webhook_backoff_base_seconds: float = Field(2.0, gt=0, description="Retry delay ceiling after the first failed attempt (doubles per attempt, full jitter)")
+    webhook_backoff_max_seconds: float = Field(3600.0, gt=0, description="Largest retry delay ceiling")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Whole-attempt timeout of a webhook POST (resolve, connect, send, read)")
+    webhook_concurrency: int = Field(8, ge=1, description="Webhook POSTs in flight at once (the outbound client's connection limit)")
+
     # -- heartbeat ------------------------------------------------------------------------
     heartbeat_interval: float = Field(0.05, gt=0, description="Loop heartbeat tick (seconds)")
     stall_threshold: float = Field(0.5, gt=0, description="Loop lag that counts as a stall (seconds)")
@@ -134,7 +151,8 @@ class ComputeSettings(BaseSettings):
         mode="before",
     )(module_list)
 
-    _keys = field_validator("api_keys", mode="before")(entry_list)
+    _keys = field_validator("api_keys", "webhook_secrets", mode="before")(entry_list)
+    _webhook_allowlist = field_validator("webhook_allowlist", mode="before")(module_list)
 
     @property
     def served_operation_modules(self) -> list[str]:
@@ -163,4 +181,10 @@ class ComputeSettings(BaseSettings):
             raise ValueError("stall_threshold must be larger than heartbeat_interval")
         for entry in self.api_keys:
             parse_entry(entry)
+        for secret in self.webhook_secrets:
+            parse_secret(secret.get_secret_value())
+        for entry in self.webhook_allowlist:
+            parse_allow_entry(entry)
+        if self.webhook_backoff_max_seconds < self.webhook_backoff_base_seconds:
+            raise ValueError("webhook_backoff_max_seconds must be at least webhook_backoff_base_seconds")
         return self

@@ -86,8 +86,11 @@ def value_keywords(field: FD, rules: Any, element: bool = False) -> dict[str, An
 
 
 def enum_allowed(field: FD) -> set[int] | None:
-    """The enum numbers a field's rules allow (`in`, `not_in`); None when every defined value is."""
+    """The enum numbers a field's rules allow (`in`, `not_in`); None when every defined value is.
+    For a repeated enum field, the rules of its elements (`repeated.items.enum`)."""
     rules = field_rules(field)
+    if rules is not None and rules.WhichOneof("type") == "repeated" and rules.repeated.HasField("items"):
+        rules = rules.repeated.items
     if rules is None or rules.WhichOneof("type") != "enum":
         return None
     typed = rules.enum

@@ -123,6 +123,8 @@ class SchemaBuilder:
             inner = "additionalProperties" if is_map(f) else "items"
             if element and "$ref" not in schema[inner]:
                 schema[inner] = {**schema[inner], **element}
+            if f.is_repeated and not is_map(f) and f.type == FD.TYPE_ENUM:
+                schema[inner] = self.enum(f, constraints.enum_allowed(f))
             return schema
         if f.type == FD.TYPE_ENUM:
             return self.enum(f, constraints.enum_allowed(f))

@@ -16,10 +16,9 @@ import re
 import time
 from typing import AsyncIterator
 
-from google.protobuf import timestamp_pb2
-
 from compute.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from compute.jobs import store as st
+from compute.jobs.messages import DEFAULT_EVENTS, EVENT_TYPES, to_proto
 from compute.jobs.runner import JobService
 from compute.jobs.types import result_page
 from compute.registry import light
@@ -32,6 +31,7 @@ audit = logging.getLogger("compute.audit")
 MAX_PAGE_TOKEN_CHARS = 256
 DEFAULT_LIST_PAGE = 50
 MAX_LIST_PAGE = 500
+DELIVERIES_SHOWN = 20
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{24}")
 
 
@@ -49,35 +49,6 @@ def checked_id(value: str) -> str:
     return value
 
 
-def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def to_proto(record: st.JobRecord) -> jobs_pb2.Job:
-    job = jobs_pb2.Job(
-        id=record.id,
-        state=jobs_pb2.JobState.Value(record.state),
-        type=record.type,
-        progress=jobs_pb2.JobProgress(done=record.done, total=record.total),
-        attempts=record.attempts,
-        idempotency_key=record.idempotency_key or "",
-        result_count=record.result_count,
-        create_time=_timestamp(record.create_time),
-        update_time=_timestamp(record.update_time),
-        start_time=_timestamp(record.start_time),
-        end_time=_timestamp(record.end_time),
-        expire_time=_timestamp(record.expire_time),
-    )
-    if record.error_code:
-        job.error.code = record.error_code
-        job.error.message = record.error_message or ""
-    return job
-
-
 @light(f"{SERVICE}.SubmitJob")
 async def submit_job(request: jobs_pb2.SubmitJobRequest, runtime: Runtime) -> jobs_pb2.Job:
     service = _service(runtime)
@@ -90,8 +61,12 @@ async def submit_job(request: jobs_pb2.SubmitJobRequest, runtime: Runtime) -> jo
     # numpy and Python, and the loop keeps serving meanwhile (the GIL is switched every 5 ms).
     chunks = await asyncio.to_thread(job_type.plan, getattr(request, kind), runtime)
     spec = request.SerializeToString(deterministic=True)
+    webhook = None
+    if request.HasField("webhook"):
+        events = list(dict.fromkeys(EVENT_TYPES[value] for value in request.webhook.events)) or list(DEFAULT_EVENTS)
+        webhook = (request.webhook.url, events)
     ctx = context.current() or context.RequestContext(context.new_request_id())
-    record, created = await service.submit(kind, spec, key, ctx, sum(chunk.entries for chunk in chunks))
+    record, created = await service.submit(kind, spec, key, ctx, sum(chunk.entries for chunk in chunks), webhook)
     if not created and record.spec != spec:
         raise AlreadyExists("this idempotency_key was already used for a different job")
     # Who did what, with the caller's principal (the API key's id) and request id on the line.
@@ -106,7 +81,8 @@ async def get_job(request: jobs_pb2.GetJobRequest, runtime: Runtime) -> jobs_pb2
     job_id = checked_id(request.id)
     limit = min(request.result_limit or settings.jobs_result_page_default, settings.jobs_result_page_max)
     record = await service.get(job_id)
-    job = to_proto(record)
+    deliveries = await service.store.deliveries(job_id, DELIVERIES_SHOWN) if record.webhook_url else ()
+    job = to_proto(record, deliveries)
     job_type = service.types.get(record.type)
     if record.state == st.SUCCEEDED and job_type is not None:
         chunks = await service.store.result_chunks(job_id, request.result_offset, limit)

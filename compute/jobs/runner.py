@@ -15,6 +15,8 @@
   `jobs_max_attempts` attempts; any other error fails the job at once.
 - Start-up: jobs left RUNNING by a dead compute are requeued or, past max attempts, failed.
 - Watchers get every change pushed (and re-read the row every second, for safety).
+- Webhooks: a job submitted with one gets its events queued by the store, in the same
+  transaction as the change (compute/jobs/store.py), and POSTed by the WebhookSender.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import secrets
 import time
 from typing import AsyncIterator
 
-from compute.errors import ComputeError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from compute.errors import ComputeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from compute.jobs import store as st
 from compute.jobs import types as job_types
+from compute.jobs.messages import webhook_body
 from compute.jobs.types import Chunk, JobType
+from compute.jobs.webhook_policy import DestinationRefused, WebhookPolicy
+from compute.jobs.webhook_signing import parse_secret
+from compute.jobs.webhooks import Retry, WebhookSender
 from compute.pool import Lane
 from compute.runtime import Runtime
 from offload import context
@@ -51,11 +57,14 @@ def new_job_id() -> str:
 class JobService:
     """`await start()` once (after the pool), `drain()` then `await stop()` (idempotent)."""
 
-    def __init__(self, runtime: Runtime, store: st.JobStore, types: dict[str, JobType]) -> None:
+    def __init__(
+        self, runtime: Runtime, store: st.JobStore, types: dict[str, JobType], webhooks: WebhookSender | None = None
+    ) -> None:
         settings = runtime.settings
         self.runtime = runtime
         self.store = store
         self.types = types
+        self.webhooks = webhooks  # None: no signing secret configured, webhooks refused at submit
         self.ttl = settings.jobs_ttl_seconds
         self._concurrency = settings.jobs_concurrency
         self._chunks_in_flight = settings.jobs_chunks_in_flight or settings.pool_size
@@ -77,9 +86,26 @@ class JobService:
         """The service as the settings describe it: SQLite store, job types from `job_type_modules` + `extra_job_type_modules`."""
         settings = runtime.settings
         store = st.SqliteJobStore(
-            settings.jobs_db_path, max_bytes=settings.jobs_db_max_bytes, synchronous=settings.jobs_db_synchronous
+            settings.jobs_db_path,
+            max_bytes=settings.jobs_db_max_bytes,
+            synchronous=settings.jobs_db_synchronous,
+            webhook_body=webhook_body,
         )
-        return cls(runtime, store, job_types.collect(settings.served_job_type_modules))
+        webhooks = None
+        if settings.webhook_secrets:
+            webhooks = WebhookSender(
+                store,
+                WebhookPolicy(
+                    settings.webhook_allowlist,
+                    allow_public=settings.webhook_allow_public,
+                    allow_http=settings.webhook_allow_http,
+                ),
+                [parse_secret(secret.get_secret_value()) for secret in settings.webhook_secrets],
+                Retry(settings.webhook_max_attempts, settings.webhook_backoff_base_seconds, settings.webhook_backoff_max_seconds),
+                timeout=settings.webhook_timeout_seconds,
+                concurrency=settings.webhook_concurrency,
+            )
+        return cls(runtime, store, job_types.collect(settings.served_job_type_modules), webhooks)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -97,6 +123,8 @@ class JobService:
             log.error("cannot recover interrupted jobs: the job store is not writable", extra={"error": exc.message})
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._dispatch()), loop.create_task(self._sweep())]
+        if self.webhooks is not None:
+            self.webhooks.start()  # deliveries still owed from before a restart go out now
 
     def drain(self) -> None:
         """Stop claiming and end watch streams (they resume elsewhere). Idempotent, sync."""
@@ -129,19 +157,38 @@ class JobService:
                     )
             except ComputeError as exc:
                 log.error("could not requeue a job at shutdown", extra={"job_id": job_id, "error": exc.message})
+        if self.webhooks is not None:
+            await self.webhooks.stop()  # an attempt cut short is due again after its lease
         await self.store.close()
 
     # -- requests (called by the operations, on the loop) ---------------------------------------
 
-    async def submit(self, job_type: str, spec: bytes, idempotency_key: str, ctx: RequestContext, total: int) -> tuple[st.JobRecord, bool]:
+    async def submit(
+        self,
+        job_type: str,
+        spec: bytes,
+        idempotency_key: str,
+        ctx: RequestContext,
+        total: int,
+        webhook: tuple[str, list[str]] | None = None,
+    ) -> tuple[st.JobRecord, bool]:
+        """`webhook`: (url, event types) to call back, checked against the webhook policy first."""
         if self._draining:
             raise Unavailable("compute is shutting down; submit the job again shortly")
+        if webhook is not None:
+            if self.webhooks is None:
+                raise FailedPrecondition("webhooks are off on this compute: it has no signing secret (webhook_secrets)")
+            try:
+                await self.webhooks.policy.check(webhook[0])
+            except DestinationRefused as exc:
+                raise InvalidArgument(f"webhook.url: {exc}") from exc
         now = time.time()
         record = st.JobRecord(
             id=new_job_id(), type=job_type, state=st.QUEUED, spec=spec, idempotency_key=idempotency_key or None,
             request_id=ctx.request_id, traceparent=ctx.traceparent, attempts=0, done=0, total=total, result_count=0,
             error_code=None, error_message=None, create_time=now, update_time=now, start_time=None, end_time=None,
             expire_time=None, not_before=now, sequence=1,
+            webhook_url=webhook[0] if webhook else None, webhook_events=",".join(webhook[1]) if webhook else "",
         )  # fmt: skip
         stored, created = await self.store.submit(record, self._max_queued)
         if stored is None:
@@ -210,6 +257,8 @@ class JobService:
     def _publish(self, record: st.JobRecord) -> None:
         for queue in self._watchers.get(record.id, ()):
             _offer(queue, record)
+        if self.webhooks is not None and record.webhook_url:
+            self.webhooks.wake()  # the change may have queued a delivery
 
     # -- claiming and running ----------------------------------------------------------------------
 

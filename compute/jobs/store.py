@@ -7,6 +7,10 @@ a completion race, exactly one of them wins and the job has exactly one terminal
 
 Each row carries a `sequence` bumped by every change: the event number WatchJob streams.
 
+Webhook deliveries are an outbox in the same database: a change that fires an event inserts
+its delivery in the change's own transaction, so no committed change loses its callback and a
+restart finds every delivery still owed. The schema is versioned (`PRAGMA user_version`).
+
 SQLite: one connection, used only by one dedicated thread, so writes never block the event
 loop and never contend with each other. SQL is kept to what PostgreSQL also runs: a second
 backend for several compute replicas is an addition, not a rewrite. Its claim would be
@@ -44,6 +48,14 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = (QUEUED, RUNNING)
 
+# Webhook events (the `type` of a Standard Webhooks payload) and delivery states.
+TERMINAL_EVENTS = {SUCCEEDED: "job.succeeded", FAILED: "job.failed", CANCELLED: "job.cancelled"}
+PROGRESS_EVENT = "job.progress"
+PENDING, DELIVERED, GAVE_UP = "PENDING", "DELIVERED", "GAVE_UP"
+# Builds a delivery's body from the changed row, its event type and the time: given by the
+# job service, so the store stays free of the wire format.
+WebhookBody = Callable[["JobRecord", str, float], bytes]
+
 
 @dataclass(frozen=True, slots=True)
 class JobRecord:
@@ -69,13 +81,23 @@ class JobRecord:
     expire_time: float | None
     not_before: float
     sequence: int
+    webhook_url: str | None = None
+    webhook_events: str = ""  # comma-separated event types, e.g. "job.succeeded,job.failed"
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    def webhook_event(self, progress: bool) -> str | None:
+        """The webhook event this change of the row fires, if the submitter asked for it."""
+        if not self.webhook_url:
+            return None
+        event = PROGRESS_EVENT if progress else TERMINAL_EVENTS.get(self.state)
+        return event if event is not None and event in self.webhook_events.split(",") else None
+
 
 COLUMNS = tuple(f.name for f in fields(JobRecord))
+COLUMN_SET = frozenset(COLUMNS)
 # What `transition` may set (besides state, update_time and sequence, always set).
 UPDATABLE = frozenset(
     {"attempts", "done", "error_code", "error_message", "start_time", "end_time", "expire_time", "not_before"}
@@ -89,6 +111,27 @@ class ChunkPayload:
     first: int
     count: int
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One webhook event for one job, with its retries. `id` is the stable webhook-id."""
+
+    id: str
+    job_id: str
+    url: str
+    type: str
+    body: bytes  # fixed when the event happened: every attempt sends the same bytes
+    state: str  # PENDING, DELIVERED, GAVE_UP
+    attempts: int
+    last_status: int  # HTTP status of the last attempt; 0 for none
+    last_error: str | None
+    last_attempt_time: float | None
+    next_attempt_time: float
+    create_time: float
+
+
+DELIVERY_COLUMNS = tuple(f.name for f in fields(Delivery))
 
 
 class StoreUnavailable(Unavailable):
@@ -150,13 +193,37 @@ class JobStore(abc.ABC):
     async def recover(self, max_attempts: int, ttl: float, now: float) -> tuple[list[str], list[str]]:
         """Jobs left RUNNING by a dead process: (requeued ids, failed ids past max attempts)."""
 
+    # -- webhook deliveries: written in the same transaction as the change that fires them ----
+
+    @abc.abstractmethod
+    async def claim_deliveries(self, now: float, limit: int, lease: float) -> list[Delivery]:
+        """Up to `limit` PENDING deliveries due at `now`, oldest first, leased for `lease` seconds
+        (not due again meanwhile: a sender that dies mid-attempt leaves them due after it)."""
+
+    @abc.abstractmethod
+    async def next_delivery_due(self) -> float | None:
+        """Earliest next attempt of the PENDING deliveries (None: none pending)."""
+
+    @abc.abstractmethod
+    async def record_attempt(
+        self, delivery_id: str, state: str, status: int, error: str | None, next_attempt: float, now: float
+    ) -> None:
+        """One more attempt: its outcome, the new state and (PENDING) when to try again."""
+
+    @abc.abstractmethod
+    async def deliveries(self, job_id: str, limit: int) -> list[Delivery]:
+        """A job's deliveries, newest first."""
+
     @abc.abstractmethod
     def count_by_state(self) -> dict[str, int]:
         """Jobs per state. Plain function, not a coroutine: the metrics thread calls it at scrape
         time, so it must not touch the event loop (the scrape answers while the loop stalls)."""
 
 
-_SCHEMA = """
+# Versioned migrations, applied in order from the database's `PRAGMA user_version`. Version 1
+# is the first schema, written with IF NOT EXISTS so that databases made before versioning
+# (user_version 0, tables present) pass through it unchanged.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     type TEXT NOT NULL,
@@ -192,6 +259,29 @@ CREATE TABLE IF NOT EXISTS job_chunks (
 );
 """
 
+_SCHEMA_V2 = """
+ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
+ALTER TABLE jobs ADD COLUMN webhook_events TEXT NOT NULL DEFAULT '';
+CREATE TABLE webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'GAVE_UP')),
+    attempts INTEGER NOT NULL,
+    last_status INTEGER NOT NULL,
+    last_error TEXT,
+    last_attempt_time REAL,
+    next_attempt_time REAL NOT NULL,
+    create_time REAL NOT NULL
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_time) WHERE state = 'PENDING';
+CREATE INDEX webhook_deliveries_by_job ON webhook_deliveries (job_id, create_time);
+"""
+
+MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+
 # SQLite result codes meaning "cannot write now", whatever the statement.
 _WRITE_FAILURES = {
     sqlite3.SQLITE_FULL: "the job store is full (disk full or its size cap reached)",
@@ -215,8 +305,9 @@ def _as_unavailable(exc: sqlite3.Error) -> StoreUnavailable | None:
 class SqliteJobStore(JobStore):
     """SQLite in WAL mode. `open()` once, `close()` once (idempotent). Single process owner."""
 
-    def __init__(self, path: Path, *, max_bytes: int, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, max_bytes: int, synchronous: str = "FULL", webhook_body: WebhookBody | None = None) -> None:
         self.path = path
+        self._webhook_body = webhook_body
         self._max_bytes = max_bytes
         self._synchronous = synchronous
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
@@ -246,7 +337,7 @@ class SqliteJobStore(JobStore):
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.warning("job store is not in WAL mode", extra={"journal_mode": mode})
-            conn.executescript(_SCHEMA)
+            _migrate(conn)
         except sqlite3.Error as exc:
             if _as_unavailable(exc) is None or not self._has_schema():
                 raise
@@ -356,7 +447,11 @@ class SqliteJobStore(JobStore):
             f" WHERE id = ? AND state IN ({', '.join('?' for _ in expect)}) RETURNING *"
         )
         params = (state, now, *values.values(), job_id, *expect)
-        return await self._call(self._write, lambda conn: _one(conn.execute(sql, params)))
+
+        def run(conn: sqlite3.Connection) -> JobRecord | None:
+            return self._changed(conn, _one(conn.execute(sql, params)), now)
+
+        return await self._call(self._write, run)
 
     async def save_chunk(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
         def run(conn: sqlite3.Connection) -> JobRecord | None:
@@ -372,7 +467,7 @@ class SqliteJobStore(JobStore):
                     "INSERT INTO job_chunks (job_id, chunk, first_entry, entries, payload) VALUES (?, ?, ?, ?, ?)",
                     (job_id, index, chunk.first, chunk.count, chunk.payload),
                 )
-            return updated
+            return self._changed(conn, updated, now, progress=True)
 
         return await self._call(self._write, run)
 
@@ -422,28 +517,92 @@ class SqliteJobStore(JobStore):
     async def expire(self, now: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM job_chunks WHERE job_id IN (SELECT id FROM jobs WHERE expire_time <= ?)", (now,))
-            return conn.execute("DELETE FROM jobs WHERE expire_time <= ?", (now,)).rowcount
+            removed = conn.execute("DELETE FROM jobs WHERE expire_time <= ?", (now,)).rowcount
+            # A pending delivery outlives its job until it is delivered or given up.
+            conn.execute(
+                "DELETE FROM webhook_deliveries WHERE state != 'PENDING' AND job_id NOT IN (SELECT id FROM jobs)"
+            )
+            return removed
 
         return await self._call(self._write, run)
 
     async def recover(self, max_attempts: int, ttl: float, now: float) -> tuple[list[str], list[str]]:
         def run(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
             reason = f"compute stopped while this job was running, {max_attempts} times: gave up (max attempts)"
-            failed = conn.execute(
-                "UPDATE jobs SET state = 'FAILED', error_code = 'UNAVAILABLE', error_message = ?, end_time = ?,"
-                " expire_time = ?, update_time = ?, sequence = sequence + 1"
-                " WHERE state = 'RUNNING' AND attempts >= ? RETURNING id",
-                (reason, now, now + ttl, now, max_attempts),
-            ).fetchall()
+            failed = [
+                self._changed(conn, _record(row), now)
+                for row in conn.execute(
+                    "UPDATE jobs SET state = 'FAILED', error_code = 'UNAVAILABLE', error_message = ?, end_time = ?,"
+                    " expire_time = ?, update_time = ?, sequence = sequence + 1"
+                    " WHERE state = 'RUNNING' AND attempts >= ? RETURNING *",
+                    (reason, now, now + ttl, now, max_attempts),
+                ).fetchall()
+            ]
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'QUEUED', not_before = ?, update_time = ?, sequence = sequence + 1,"
                 " error_code = 'UNAVAILABLE', error_message = 'compute stopped while this job was running; requeued'"
                 " WHERE state = 'RUNNING' RETURNING id",
                 (now, now),
             ).fetchall()
-            return [row[0] for row in requeued], [row[0] for row in failed]
+            return [row[0] for row in requeued], [record.id for record in failed]
 
         return await self._call(self._write, run)
+
+    def _changed(self, conn: sqlite3.Connection, record: JobRecord | None, now: float, progress: bool = False) -> JobRecord | None:
+        """Queue the webhook delivery this change fires, in the change's own transaction: a
+        committed change always has its delivery (the outbox pattern)."""
+        event = None if record is None else record.webhook_event(progress)
+        if event is not None:
+            assert record is not None and record.webhook_url and self._webhook_body is not None
+            conn.execute(
+                "INSERT INTO webhook_deliveries (id, job_id, url, type, body, state, attempts, last_status,"
+                " next_attempt_time, create_time) VALUES (?, ?, ?, ?, ?, 'PENDING', 0, 0, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                (delivery_id(record), record.id, record.webhook_url, event, self._webhook_body(record, event, now), now, now),
+            )
+        return record
+
+    async def claim_deliveries(self, now: float, limit: int, lease: float) -> list[Delivery]:
+        def run(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(
+                "UPDATE webhook_deliveries SET next_attempt_time = ? WHERE id IN ("
+                " SELECT id FROM webhook_deliveries WHERE state = 'PENDING' AND next_attempt_time <= ?"
+                " ORDER BY next_attempt_time LIMIT ?) RETURNING *",
+                (now + lease, now, limit),
+            ).fetchall()
+            return sorted((_delivery(row) for row in rows), key=lambda d: d.create_time)
+
+        return await self._call(self._write, run)
+
+    async def next_delivery_due(self) -> float | None:
+        def run() -> float | None:
+            return self._conn.execute(
+                "SELECT min(next_attempt_time) FROM webhook_deliveries WHERE state = 'PENDING'"
+            ).fetchone()[0]
+
+        return await self._call(run)
+
+    async def record_attempt(
+        self, delivery_id: str, state: str, status: int, error: str | None, next_attempt: float, now: float
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
+                " last_attempt_time = ?, next_attempt_time = ? WHERE id = ? AND state = 'PENDING'",
+                (state, status, error, now, next_attempt, delivery_id),
+            )
+
+        await self._call(self._write, run)
+
+    async def deliveries(self, job_id: str, limit: int) -> list[Delivery]:
+        def run() -> list[Delivery]:
+            rows = self._conn.execute(
+                "SELECT * FROM webhook_deliveries WHERE job_id = ? ORDER BY create_time DESC, id DESC LIMIT ?",
+                (job_id, limit),
+            )
+            return [_delivery(row) for row in rows]
+
+        return await self._call(run)
 
     async def integrity_check(self) -> str:
         return await self._call(lambda: self._conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -469,12 +628,41 @@ def _lock_owner(path: Path) -> int | None:
     return fd
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to the newest version, one transaction per migration."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise RuntimeError(f"the job store's schema (version {version}) is newer than this compute knows")
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("job store schema migrated", extra={"version": number})
+
+
+def delivery_id(record: JobRecord) -> str:
+    """Stable per event: the job and the sequence number of the change that fired it."""
+    return f"msg_{record.id}_{record.sequence}"
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(**{name: row[name] for name in DELIVERY_COLUMNS})
+
+
 def _values(record: JobRecord) -> tuple[Any, ...]:
     return tuple(getattr(record, name) for name in COLUMNS)
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(**{name: row[name] for name in COLUMNS})
+    # A read-only store of an older schema lacks the newer columns: their defaults stand.
+    return JobRecord(**{name: row[name] for name in row.keys() if name in COLUMN_SET})
 
 
 def _one(cursor: sqlite3.Cursor) -> JobRecord | None:
