@@ -591,6 +591,23 @@ def _hop_section(results: dict) -> list[str]:
     return L
 
 
+def _streams_section(streams: dict | None) -> list[str]:
+    if not streams:
+        return []
+    L = ["## Streams (one gateway worker)", ""]
+    L.append(f"One reader of a {streams['messages']:,}-message server stream (`Ticks`, {streams['pad_bytes']} B of "
+             "padding per message, about a JobEvent), median of the repetitions (bench/streams.py).")
+    L.append("")
+    L.append("| transport | messages/s | [all reps] | gateway CPU µs / message |")
+    L.append("|---|---|---|---|")
+    for name in ("websocket", "sse", "grpc-direct"):
+        row = streams.get(name)
+        if row:
+            L.append(f"| {name} | {row['messages_per_s']:,.0f} | {row['all']} | {fmt(row['gateway_cpu_us_per_message'], 1)} |")
+    L.append("")
+    return L
+
+
 def markdown(results: dict, chart_files: list[str]) -> str:
     meta, prof, cal = results["meta"], results["profile"], results.get("calibration", {})
     table = prof["load_table"]
@@ -719,6 +736,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
             L.append("")
     L.extend(_light_during_section(results.get("light_during_searches", {})))
     L.extend(_jobs_section(results.get("jobs", {})))
+    L.extend(_streams_section(results.get("streams")))
     if chart_files:
         L.append("## Charts")
         L.append("")

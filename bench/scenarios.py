@@ -53,6 +53,8 @@ class Profile:
     jobs_reps: int | None = None  # repetitions of the batch throughput measure (None: reps)
     jobs_fairness_seconds: float = 2.0  # each Search latency window of the fairness check
     jobs_fairness_factor: int = 4  # the big job of the fairness check: factor x N queries
+    stream_messages: int = 20_000  # server-streaming messages/s through one gateway worker (bench/streams.py)
+    stream_reps: int = 3
 
 
 @dataclass

@@ -108,16 +108,20 @@ async def serve_websocket(rest: RestCall, settings: GatewaySettings) -> int:
             await _close_with_error(send, exc, ctx.request_id)
             return 101
     call = rest.compute.stream(route)(message, timeout=timeout, metadata=metadata(ctx), wait_for_ready=False)
+    # The client closing cancels the gRPC stream: a read in progress ends with CancelledError.
+    # One watcher for the whole socket, not a race per message: the loop below stays two
+    # awaits per message (the read, the send), which is most of what a message costs.
     watcher = asyncio.ensure_future(_wait_disconnect(rest.receive))
-    reader: asyncio.Future | None = None
+    watcher.add_done_callback(lambda _: call.cancel())
+    this_task = asyncio.current_task()
     try:
         while True:
-            reader = asyncio.ensure_future(call.read())
-            done, _ = await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if watcher in done:
-                return 101  # the client closed: the finally cancels the stream in compute
             try:
-                item = reader.result()
+                item = await call.read()
+            except asyncio.CancelledError:
+                if watcher.done() and this_task is not None and not this_task.cancelling():
+                    return 101  # the client closed: compute's stream is cancelled
+                raise
             except grpc.aio.AioRpcError as exc:
                 await _close_with_error(send, from_rpc_error(exc), ctx.request_id)
                 return 101
@@ -125,16 +129,15 @@ async def serve_websocket(rest: RestCall, settings: GatewaySettings) -> int:
                 await send({"type": "websocket.close", "code": NORMAL_CLOSURE})
                 return 101
             text = orjson.dumps(route.encode_response(item), option=_JSON_OPTIONS).decode()
-            sending = asyncio.ensure_future(send({"type": "websocket.send", "text": text}))
-            done, _ = await asyncio.wait({sending, watcher}, timeout=settings.ws_send_timeout_seconds,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if sending not in done:
-                sending.cancel()
-                if watcher not in done:
-                    log.warning("dropping a WebSocket reader that took nothing", extra={
-                        "rpc": route.name, "seconds": settings.ws_send_timeout_seconds})
+            try:
+                # uvicorn's send waits while the socket's buffer is above its high-water mark, and
+                # raises ClientDisconnected (an OSError) once the peer is gone.
+                async with asyncio.timeout(settings.ws_send_timeout_seconds):
+                    await send({"type": "websocket.send", "text": text})
+            except TimeoutError:
+                log.warning("dropping a WebSocket reader that took nothing", extra={
+                    "rpc": route.name, "seconds": settings.ws_send_timeout_seconds})
                 return 101  # returning drops the connection (uvicorn closes the transport)
-            sending.result()
     except EncodeError as exc:
         log.error("stream message not representable as JSON", extra={"rpc": route.name, "problem": str(exc)})
         await _close_with_error(send, ApiError.http(500, "compute returned a value JSON cannot represent"), ctx.request_id)
@@ -147,9 +150,7 @@ async def serve_websocket(rest: RestCall, settings: GatewaySettings) -> int:
         await send({"type": "websocket.close", "code": 1011, "reason": "INTERNAL"})
         return 101
     finally:
-        for task in (reader, watcher):
-            if task is not None:
-                task.cancel()
+        watcher.cancel()
         call.cancel()
 
 
