@@ -150,3 +150,12 @@ def test_reply_shapes_probe_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     for shape in ("unary reply", "server-streamed reply", "bidi stream"):
         assert f"| {shape} |" in out.stdout
+
+
+def test_streams_measured(smoke_run) -> None:
+    """Server-streaming messages/s through one gateway worker: WebSocket, SSE, direct gRPC."""
+    out, _ = smoke_run
+    streams = json.loads((out / "results.json").read_text())["streams"]
+    for transport in ("websocket", "sse", "grpc-direct"):
+        assert streams[transport]["messages_per_s"] > 0, transport
+    assert "## Streams (one gateway worker)" in (out / "report.md").read_text()
