@@ -118,6 +118,9 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
         "OFFLOAD_GATEWAY_WS_ALLOWED_ORIGINS": '["https://app.example"]',
         "OFFLOAD_GATEWAY_API_KEYS": "[]",
         "OFFLOAD_COMPUTE_API_KEYS": "[]",
+        "OFFLOAD_COMPUTE_WEBHOOK_SECRETS": '["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]',
+        "OFFLOAD_COMPUTE_WEBHOOK_ALLOWLIST": '["127.0.0.1", "*.hooks.example"]',
+
         "OFFLOAD_GATEWAY_AUTH_OPEN_PATHS": '["/readyz", "/metrics", "/docs", "/openapi.json"]',
     }
     text = dotenv + "".join(f"{k}={v}\n" for k, v in json_lines.items())
@@ -177,10 +180,10 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
         gone, alive = psutil.wait_procs(processes, timeout=30)
         assert not alive, f"left running after Ctrl-C: {alive}"
 
-        # Logs for people: the console form (honcho pipes them, so `auto` alone would be JSON),
+        # Logs for people: the console form (the devserver pipes them, so `auto` alone would be JSON),
         # without colours here since make's own output is a file.
         dev_log = (tmp_path / "make-dev.log").read_text()
-        lines = [line.split("| ", 1)[1] for line in dev_log.splitlines() if re.match(r"^\S+ (compute|gateway)\.1 +\| ", line)]
+        lines = [line.split("| ", 1)[1] for line in dev_log.splitlines() if re.match(r"^\S+ (compute|gateway) +\| ", line)]
         assert any("compute ready" in line for line in lines) and any("gateway worker ready" in line for line in lines)
         assert not [line for line in lines if line.startswith("{")], "make dev printed JSON log lines"
         assert "\x1b" not in dev_log
