@@ -13,6 +13,7 @@ status is the transport's job (compute/servicer.py, compute/batching.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from google.protobuf import descriptor_pool, message_factory
+from google.rpc import code_pb2
 from google.protobuf.descriptor import MethodDescriptor
 
 from compute import constraints
@@ -28,6 +30,7 @@ from compute.metrics import CallMetrics
 from compute.registry import Kind, Operation
 from compute.runtime import Runtime
 from offload import context
+from offload.tracing import Tracing
 
 log = logging.getLogger("compute.calls")
 
@@ -35,6 +38,8 @@ log = logging.getLogger("compute.calls")
 # handler starts, after the call arrived, and the client's own timer (which cancels the call
 # from its side) fires before ours by the transport's latency, more under load.
 _DEADLINE_SLACK = 0.05
+# google.rpc code name -> number, for the span's rpc.grpc.status_code.
+_GRPC_CODES = dict(code_pb2.Code.items())
 
 
 def grpc_path(full_name: str) -> str:
@@ -90,8 +95,9 @@ def bind(op: Operation, metrics: CallMetrics) -> BoundOperation:
 class CallPath:
     """Runs calls. `activate(runtime)` once the table and pool are up; `ready = False` to drain."""
 
-    def __init__(self, operations: dict[str, Operation], metrics: CallMetrics) -> None:
+    def __init__(self, operations: dict[str, Operation], metrics: CallMetrics, tracing: Tracing | None = None) -> None:
         self._metrics = metrics
+        self.tracing = tracing  # None: tracing off (offload/tracing.py)
         self.by_path: dict[str, BoundOperation] = {}
         for op in operations.values():
             bound = bind(op, metrics)
@@ -129,7 +135,7 @@ class CallPath:
         The transport enforces the deadline around this coroutine (gRPC does for unary calls);
         heavy work gets it too, so queued work that expires is never started.
         """
-        with _Served(self, bound, ctx, deadline):
+        with _Served(self, bound, ctx, deadline) as served:
             self._admit(deadline)
             if bound.constrained:
                 constraints.check(request)
@@ -142,7 +148,7 @@ class CallPath:
                 op.validate(request, runtime)
             merge = None if op.merge is None else (lambda partials: op.merge(request, partials, runtime))
             return await runtime.pool.run(
-                op.fn, request, ctx=ctx, deadline=deadline, batch=op.batch, merge=merge, name=bound.short_name
+                op.fn, request, ctx=served.ctx, deadline=deadline, batch=op.batch, merge=merge, name=bound.short_name
             )
 
     async def stream(
@@ -183,20 +189,33 @@ class _Served:
     A call cancelled once its deadline has passed is the transport enforcing that deadline
     (gRPC cancels the handler): it counts as DEADLINE_EXCEEDED, not CANCELLED.
 
+    With tracing on, the call gets a span too (child of the caller's traceparent), and `ctx`
+    (bound for logs, sent on to the pool) names that span as the parent of what follows.
+
     A class, not @contextmanager: this runs per call and costs a third as much.
     """
 
-    __slots__ = ("_calls", "_bound", "_ctx", "_deadline", "_token", "_started")
+    __slots__ = ("_calls", "_bound", "ctx", "_deadline", "_token", "_started", "_span")
 
     def __init__(
         self, calls: CallPath, bound: BoundOperation, ctx: context.RequestContext, deadline: float | None
     ) -> None:
-        self._calls, self._bound, self._ctx, self._deadline = calls, bound, ctx, deadline
+        self._calls, self._bound, self.ctx, self._deadline = calls, bound, ctx, deadline
+        self._span = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "_Served":
         self._started = time.perf_counter()
-        self._calls.inflight[id(self)] = self._ctx.request_id
-        self._token = context.bind(self._ctx)
+        self._calls.inflight[id(self)] = self.ctx.request_id
+        tracing = self._calls.tracing
+        if tracing is not None:
+            self._span = tracing.start(self._bound.op.method, self.ctx.traceparent, kind=tracing.SERVER, attributes={
+                "rpc.system": "grpc", "rpc.method": self._bound.short_name,
+                "rpc.service": self._bound.method.containing_service.full_name,
+                "offload.request_id": self.ctx.request_id,
+            })  # fmt: skip
+            self.ctx = dataclasses.replace(self.ctx, traceparent=tracing.traceparent(self._span))
+        self._token = context.bind(self.ctx)
+        return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         calls, bound = self._calls, self._bound
@@ -217,6 +236,9 @@ class _Served:
         finally:
             del calls.inflight[id(self)]
             calls._observe(bound, code, self._started)  # its DEBUG line carries the context too
+            if self._span is not None:
+                self._span.set_attribute("rpc.grpc.status_code", _GRPC_CODES.get(code, 2))
+                calls.tracing.end(self._span, None if code == "OK" else code)
             try:
                 context.unbind(self._token)
             except ValueError:

@@ -25,7 +25,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from compute.executor import RESTARTING, ExecutorSupervisor, prepare
 from compute.scheduler import Batch, Lane, PoolCall, Scheduler
 from compute.table import TableSpec
 from offload.context import RequestContext
+
+if TYPE_CHECKING:
+    from offload.tracing import Tracing
 
 __all__ = ["HealingPool", "Lane", "PoolStats", "BatchingStats", "prepare"]
 
@@ -100,10 +103,12 @@ class HealingPool:
         scan_segments: int = 2,
         jobs_yield_seconds: float = 1.0,
         observer: DispatchObserver | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.size = size
         self.max_inflight = max_inflight
         self._observer = observer or _NoObserver()
+        self._tracing = tracing  # None: off; else a span per member of each task
         self._scheduler = Scheduler(size=size, max_batch=max_batch, max_delay=max_batch_delay, jobs_yield_seconds=jobs_yield_seconds)
         # One flag per (slot, batch position): slot s's members use flags[s * max_batch + i].
         self._flags, self._flags_spec = shm.create(shm_dir, "control", np.uint8, (size * max_batch,))
@@ -247,17 +252,23 @@ class HealingPool:
                 call.flags.discard(meta.flag)
                 _fail(call, exc)
             return
+        submitted_ns = time.time_ns()
         try:
             # The slot's own await, not the callers': a caller that gives up leaves the
             # slot taken until the worker has stopped (its flag is raised in _on_done).
-            outcome = await future
+            timed = await future
         except BaseException as exc:
+            if self._tracing is not None:
+                self._trace(live, batch, submitted_ns, time.time_ns(), None, type(exc).__name__)
             for call, meta in zip(live, metas):
                 call.flags.discard(meta.flag)
                 _fail(call, exc if isinstance(exc, Exception) else Unavailable(RESTARTING))
             if not isinstance(exc, Exception):
                 raise
             return
+        if self._tracing is not None:
+            self._trace(live, batch, timed.started_ns, timed.ended_ns, timed.pid, None)
+        outcome = timed.value
         if batch.segment is None and len(live) == 1:
             outcome = [outcome]
         for call, meta, result in zip(live, metas, outcome, strict=True):
@@ -273,6 +284,17 @@ class HealingPool:
                 call.segments_left -= 1
                 if call.segments_left == 0:
                     _finish(call)
+
+    def _trace(self, calls: list[PoolCall], batch: Batch, start_ns: int, end_ns: int, pid: int | None, error: str | None) -> None:
+        """One span per member call (a child of its call's span), with the worker's times."""
+        attributes = {"offload.pool.batch_size": len(calls)}
+        if pid is not None:
+            attributes["process.pid"] = pid
+        if batch.segment is not None:
+            attributes["offload.pool.segment"] = batch.segment
+        for call in calls:
+            self._tracing.record(f"pool {call.name}", call.meta.traceparent, start_ns, end_ns,
+                                 {**attributes, "offload.request_id": call.meta.request_id}, error)
 
     def _observe(self, calls: list[PoolCall], now: float) -> None:
         """Stats count a call once (its first task), a batch per task of two or more calls."""

@@ -10,6 +10,7 @@ from compute.pool import HealingPool
 from compute.settings import ComputeSettings
 from compute.table import EmbeddingTable
 from offload.heartbeat import Heartbeat
+from offload.tracing import Tracing
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Runtime:
     table: EmbeddingTable
     pool: HealingPool
     heartbeat: Heartbeat
+    tracing: Tracing | None = None  # None: tracing off
     # Optional services added by feature modules (e.g. "jobs"), looked up by name.
     services: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)

@@ -37,6 +37,7 @@ from compute.table import EmbeddingTable
 from offload.config import ConfigError
 from offload import loop_debug
 from offload.heartbeat import Heartbeat
+from offload.tracing import Tracing
 from offload.keys import KeyRing
 from offload.memory import PssCollector
 from offload.v1 import http_options_pb2
@@ -71,6 +72,10 @@ class ComputeServer:
                 self._keys = KeyRing(settings.api_keys, settings.api_keys_file)
             except (ValueError, OSError) as exc:
                 raise ConfigError([f"API keys: {exc}"]) from None
+        try:
+            self.tracing = Tracing.from_env("offload-compute")  # None unless OTEL_TRACES_EXPORTER asks
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
         self.registry = CollectorRegistry()
         self.table: EmbeddingTable | None = None
         self.pool: HealingPool | None = None
@@ -104,7 +109,7 @@ class ComputeServer:
         for directory in dict.fromkeys([settings.shm_dir, shm.SEMAPHORE_DIR]):
             shm.sweep_stale(directory)
         pool_module.prepare(settings.blas_threads)
-        calls = self._calls = CallPath(self._operations, CallMetrics(self.registry))
+        calls = self._calls = CallPath(self._operations, CallMetrics(self.registry), self.tracing)
         self.heartbeat = Heartbeat(
             interval=settings.heartbeat_interval,
             stall_threshold=settings.stall_threshold,
@@ -147,9 +152,10 @@ class ComputeServer:
             scan_segments=settings.pool_scan_segments,
             jobs_yield_seconds=settings.pool_jobs_yield_seconds,
             observer=self._pool_metrics,
+            tracing=self.tracing,
         )
         await self.pool.start()
-        self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat)
+        self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat, self.tracing)
         self.jobs = JobService.from_runtime(self.runtime)
         await self.jobs.start()
         self.runtime.services["jobs"] = self.jobs
@@ -214,6 +220,8 @@ class ComputeServer:
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still queued
         log.info("compute stopped")
 
     # -- pieces ---------------------------------------------------------------------------

@@ -37,6 +37,16 @@ class TaskMeta:
     flag: int  # index of this call's cancel flag in the control segment
 
 
+@dataclass(frozen=True, slots=True)
+class Timed:
+    """A task's outcome with when it ran in the worker (time.time_ns()), for its trace span."""
+
+    value: object
+    started_ns: int
+    ended_ns: int
+    pid: int
+
+
 class TaskContext:
     """What a heavy operation gets: the shared table and a way to notice it should stop."""
 
@@ -166,21 +176,28 @@ def ping(delay: float = 0.0) -> int:
     return os.getpid()
 
 
-def run(fn, request, meta: TaskMeta):
+def run(fn, request, meta: TaskMeta) -> Timed:
     """Run one heavy call. Work whose deadline already passed is never started."""
     assert _state is not None, "worker not initialized"
+    started = time.time_ns()
     if meta.deadline is not None and time.time() > meta.deadline:
         raise DeadlineExceeded("the deadline passed before the work started; it was not run")
     task = TaskContext(_state.table, meta, _state.flags, _state.chunk_rows)
     with context.bound(context.RequestContext(meta.request_id, meta.traceparent)):
         task.check()
-        return fn(request, task)
+        return Timed(fn(request, task), started, time.time_ns(), os.getpid())
 
 
-def run_batch(batch_fn, requests: list, metas: list[TaskMeta], rows: tuple[int, int] | None = None) -> list:
+def run_batch(batch_fn, requests: list, metas: list[TaskMeta], rows: tuple[int, int] | None = None) -> Timed:
     """Run several calls of one operation at once, over `rows` of the table (default: all):
     `batch_fn(requests, task)` returns one result per request. Returns, per member, its
     result or the error it left with."""
+    started = time.time_ns()
+    outcome = _run_batch(batch_fn, requests, metas, rows)
+    return Timed(outcome, started, time.time_ns(), os.getpid())
+
+
+def _run_batch(batch_fn, requests: list, metas: list[TaskMeta], rows: tuple[int, int] | None) -> list:
     assert _state is not None, "worker not initialized"
     task = BatchTask(_state.table, metas, _state.flags, _state.chunk_rows, rows or (0, _state.table.rows))
     # Log lines of the batch carry its first member's context (each member's own is in compute's logs).

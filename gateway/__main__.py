@@ -24,7 +24,7 @@ from gateway.auth import build_authenticator
 from gateway.json_codec import Codec
 from gateway.settings import GatewaySettings
 from gateway.transcoding import routes_from_settings
-from offload import config, logs
+from offload import config, logs, tracing
 
 
 def main() -> int:
@@ -36,6 +36,10 @@ def main() -> int:
                 build_authenticator(settings)
             except (ValueError, OSError) as exc:
                 raise config.ConfigError([f"authentication: {exc}"]) from None
+        try:
+            tracing.enabled_exporters()  # each worker builds its own exporter: check the variables once
+        except ValueError as exc:
+            raise config.ConfigError([str(exc)]) from None
     except config.ConfigError as exc:
         for line in exc.lines:
             print(f"gateway: {line}", file=sys.stderr)

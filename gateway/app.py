@@ -27,6 +27,7 @@ from gateway.settings import GatewaySettings
 from gateway.transcoding import routes_from_settings
 from offload import config, logs, loop_debug
 from offload.heartbeat import Heartbeat
+from offload.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -39,6 +40,8 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry, workers=settings.workers)
     inflight: dict[int, str] = {}  # shared by the frontend (writes) and the heartbeat (reports)
+    # Per worker (this runs in the worker, after uvicorn's fork): its own span exporter thread.
+    tracing = Tracing.from_env("offload-gateway")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -59,11 +62,13 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
         finally:
             await heartbeat.stop()
             await client.close(grace=1.0)
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # flushes the spans still queued
             worker_exited(os.getpid())
 
     document = build_openapi(routes, max_timeout_seconds=settings.max_timeout_seconds, auth=settings.auth_enabled)
     admin = build_admin(lifespan, metrics, document)
-    return RestFrontend(routes, admin, settings, metrics, inflight)
+    return RestFrontend(routes, admin, settings, metrics, inflight, tracing)
 
 
 def route_table(app: Any) -> list[tuple[str, str, str]]:

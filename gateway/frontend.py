@@ -29,6 +29,7 @@ from gateway.sse import serve_stream
 from gateway.websocket import deny, origin_allowed, serve_websocket
 from gateway.transcoding import Route
 from offload import context
+from offload.tracing import Tracing
 
 log = logging.getLogger("gateway.frontend")
 
@@ -55,8 +56,10 @@ class RestFrontend:
         settings: GatewaySettings,
         metrics: GatewayMetrics,
         inflight: dict[int, str],
+        tracing: Tracing | None = None,
     ) -> None:
         self.routes = routes
+        self.tracing = tracing  # None: off (offload/tracing.py)
         self.fallback = fallback
         self.settings = settings
         self.metrics = metrics
@@ -155,12 +158,25 @@ class RestFrontend:
                 await self._refuse(scope, send, exc, ctx.request_id)
                 return
             ctx = dataclasses.replace(ctx, principal=key.key_id)
+        span = None
+        if self.tracing is None:
+            # The gateway is a hop of the trace: its log lines and compute's carry its own span id.
+            ctx = dataclasses.replace(ctx, traceparent=context.child_traceparent(ctx.traceparent))
+        elif route is not None:
+            # The request's span: a child of the caller's traceparent (if valid), and the parent
+            # of everything compute does for it (ctx carries it on).
+            span = self.tracing.start(f"{scope.get('method', 'GET')} {route.path.template}",
+                                      context.valid_traceparent(headers.traceparent), kind=self.tracing.SERVER,
+                                      attributes={"http.request.method": scope.get("method", "GET"),
+                                                  "http.route": route.path.template, "url.path": scope["path"],
+                                                  "rpc.method": route.name, "offload.request_id": ctx.request_id})
+            ctx = dataclasses.replace(ctx, traceparent=self.tracing.traceparent(span))
         with context.bound(ctx):
             if route is None:
                 await self._fallback(scope, receive, send, ctx.request_id, raw_path)
                 return
             compute = scope.get("state", {}).get(COMPUTE_STATE_KEY)
-            await self._serve(RestCall(route, values, scope, receive, send, headers, ctx, compute))
+            await self._serve(RestCall(route, values, scope, receive, send, headers, ctx, compute), span)
 
     def _match(self, method: str, raw_path: str) -> tuple[Route | None, dict[str, str]]:
         return _first_match(self._by_method.get(method, ()), raw_path)
@@ -168,7 +184,7 @@ class RestFrontend:
     def _match_stream(self, raw_path: str) -> tuple[Route | None, dict[str, str]]:
         return _first_match(self._streams, raw_path)
 
-    async def _serve(self, call: RestCall) -> None:
+    async def _serve(self, call: RestCall, span: Any = None) -> None:
         route = call.route
         started = time.perf_counter()
         key = id(call.scope)
@@ -202,6 +218,9 @@ class RestFrontend:
             elapsed = time.perf_counter() - started
             self._latency[route.full_method].observe(elapsed)
             self._count(route, status)
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                self.tracing.end(span, None if status < 500 else str(status))
             if self.settings.access_log:
                 log.info("request", extra={"rpc": route.name, "method": call.scope.get("method", "WEBSOCKET"), "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})

@@ -55,10 +55,15 @@ _RETRY_BACKOFF = (0.05, 0.5)  # first and largest delay between attempts (full j
 
 
 def metadata(ctx: RequestContext | None) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata of a call: request id, and a child span of the caller's trace."""
-    if ctx is None:
-        return ((TRACEPARENT_HEADER, child_traceparent(None)),)
-    md = ((REQUEST_ID_HEADER, ctx.request_id), (TRACEPARENT_HEADER, child_traceparent(ctx.traceparent)))
+    """gRPC metadata of a call: request id, and the caller's trace context (W3C: the caller's
+    current span is the parent of compute's; with no context, a new trace)."""
+    if ctx is None or not ctx.traceparent:
+        traceparent = child_traceparent(None)
+        if ctx is None:
+            return ((TRACEPARENT_HEADER, traceparent),)
+    else:
+        traceparent = ctx.traceparent
+    md = ((REQUEST_ID_HEADER, ctx.request_id), (TRACEPARENT_HEADER, traceparent))
     if ctx.tracestate:
         md += ((TRACESTATE_HEADER, ctx.tracestate),)
     if ctx.principal:
@@ -113,7 +118,7 @@ class UnaryMethod:
                 future = batcher.submit(self.path, payload, deadline)
             else:
                 future = batcher.submit(self.path, payload, deadline, ctx.request_id,
-                                        child_traceparent(ctx.traceparent), ctx.tracestate, ctx.principal)
+                                        ctx.traceparent or child_traceparent(None), ctx.tracestate, ctx.principal)
             if future is None:
                 return None
             # A timer handle, not asyncio.timeout(): the same effect for ~1/5 of the cost.

@@ -331,9 +331,21 @@ class JobService:
             first += chunk.entries
         todo.reverse()  # popped from the end: in order
 
-        def run_chunk(chunk: Chunk) -> asyncio.Task:
-            call = self.runtime.pool.run(job_type.run_chunk, chunk.request, ctx=ctx, deadline=None, lane=Lane.JOBS)
-            return asyncio.ensure_future(call)
+        tracing = self.runtime.tracing
+
+        def run_chunk(index: int, chunk: Chunk) -> asyncio.Task:
+            chunk_ctx, span = ctx, None
+            if tracing is not None:  # a span per chunk, child of the submit's: its pool task is the grandchild
+                span = tracing.start(f"job chunk {record.type}", record.traceparent, attributes={
+                    "offload.job.id": record.id, "offload.job.chunk": index, "offload.job.attempt": record.attempts,
+                    "offload.request_id": record.request_id,
+                })  # fmt: skip
+                chunk_ctx = RequestContext(record.request_id, tracing.traceparent(span))
+            call = self.runtime.pool.run(job_type.run_chunk, chunk.request, ctx=chunk_ctx, deadline=None, lane=Lane.JOBS)
+            task = asyncio.ensure_future(call)
+            if span is not None:
+                task.add_done_callback(lambda t: tracing.end(span, _outcome(t)))
+            return task
 
         # Up to `jobs_chunks_in_flight` chunks in the pool at once (the scheduler keeps a worker
         # for interactive calls while they arrive); each is saved as soon as it is done.
@@ -345,7 +357,7 @@ class JobService:
                     if current is None or current.state != st.RUNNING:
                         return  # cancelled (possibly by another process) or expired
                     index, start, chunk = todo.pop()
-                    in_flight[run_chunk(chunk)] = (index, start, chunk)
+                    in_flight[run_chunk(index, chunk)] = (index, start, chunk)
                 finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(finished, key=lambda t: in_flight[t][0]):
                     index, start, chunk = in_flight.pop(task)
@@ -407,6 +419,16 @@ class JobService:
             except ComputeError as exc:
                 log.error("cannot expire jobs", extra={"error": exc.message})
             await asyncio.sleep(self._sweep_interval)
+
+
+def _outcome(task: asyncio.Task) -> str | None:
+    """A finished chunk task's error code for its span (None: it succeeded)."""
+    if task.cancelled():
+        return "CANCELLED"
+    exc = task.exception()
+    if exc is None:
+        return None
+    return exc.code if isinstance(exc, ComputeError) else type(exc).__name__
 
 
 def _offer(queue: asyncio.Queue, item) -> None:
