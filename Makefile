@@ -10,7 +10,7 @@ PROTO_STAMP := offload/v1/.generated
 .PHONY: help install protos dev compute gateway test test-fast bench bench-quick lock clean
 
 help:
-	@echo "make dev          start compute + gateway (Procfile, honcho) on http://127.0.0.1:8000"
+	@echo "make dev          start compute + gateway on http://127.0.0.1:8000, restarted when their code changes"
 	@echo "make test         run the test suite (bootstraps .venv, generates protos)"
 	@echo "make bench        full benchmark vs the naive designs (~9 min), report in bench/results/"
 	@echo "make bench-quick  the same, small (~2 min)"
@@ -38,13 +38,14 @@ $(PROTO_STAMP): $(PROTOS) offload/protogen.py $(VENV)/.installed
 
 # .env is exported to every process by python-dotenv, the parser pydantic-settings uses, so
 # a value means the same under make dev as to compute alone; the real environment wins
-# (--no-override). honcho's own .env reading is off (--env /dev/null): it strips the quotes of
-# JSON values shell-style. PYTHONPATH and other non-offload variables in .env work too.
+# (--no-override); honcho's shell-style parser, which strips the quotes of JSON values, is not
+# used. PYTHONPATH and other non-offload variables in .env work too.
+# make dev runs offload/devserver.py (the Procfile's two commands, restarted on edits and crashes).
 # OFFLOAD_ENV_FILE names another file; set but empty, none (as the settings read it).
 ENV_FILE := $(if $(filter undefined,$(origin OFFLOAD_ENV_FILE)),.env,$(OFFLOAD_ENV_FILE))
 WITH_DOTENV = $(if $(and $(ENV_FILE),$(wildcard $(ENV_FILE))),$(VENV)/bin/dotenv -f $(ENV_FILE) run --no-override --)
 
-# make dev is for people: console logs (honcho pipes our stderr, so `auto` would choose JSON),
+# make dev is for people: console logs (the devserver pipes their stderr, so `auto` would choose JSON),
 # coloured when make's own output is a terminal (FORCE_COLOR; NO_COLOR turns colours off). A
 # LOG_FORMAT from the environment or .env wins: the defaults are applied after .env is read.
 # The Procfile, the production entry, stays as it is: `auto` there.
@@ -53,7 +54,7 @@ DEV_LOG_FORMAT = bash -c 'export OFFLOAD_COMPUTE_LOG_FORMAT="$${OFFLOAD_COMPUTE_
 
 dev: install protos
 	if [ -t 1 ]; then export FORCE_COLOR="$${FORCE_COLOR:-1}"; fi; \
-	$(WITH_DOTENV) $(DEV_LOG_FORMAT) $(VENV)/bin/honcho start -f Procfile --env /dev/null
+	$(WITH_DOTENV) $(DEV_LOG_FORMAT) $(PY) -m offload.devserver
 
 compute: install protos
 	$(WITH_DOTENV) $(PY) -m compute
