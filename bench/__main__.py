@@ -23,6 +23,7 @@ os.environ.update(BLAS_ENV)  # before numpy: the in-process reference scans sing
 
 from bench import designs, report, scenarios, streams  # noqa: E402
 from bench.designs import Table  # noqa: E402
+from bench.otlp_sink import OtlpSink  # noqa: E402
 from bench.scenarios import Bench, Profile  # noqa: E402
 
 GIB_ROWS_128 = 2**30 // (128 * 4)  # rows of a 1 GiB float32 table at dim 128
@@ -97,8 +98,14 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
             variant="batching off")),
         ("naive-inline", lambda: designs.naive("inline", table, profile.workers, 0, logdir)),
         ("naive-executor", lambda: designs.naive("executor", table, profile.workers, profile.executor_pool, logdir)),
+        ("offload-tracing", lambda: designs.offload(
+            table, profile.workers, profile.pool_size, logdir, compute_env=tracing_env, gateway_env=tracing_env,
+            variant="tracing on")),
         ("fastapi-hello", lambda: designs.hello(profile.workers, logdir)),
     ]
+    # Tracing on (every span exported over OTLP/HTTP to a sink in this process): its cost on the hop.
+    sink = OtlpSink().start()
+    tracing_env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
     for name, make in plans:
         dep = make()
         log(f"starting {dep.label}")
@@ -110,6 +117,10 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
             }
             if name == "fastapi-hello":
                 scenarios.hop(bench, dep, "hello")
+                continue
+            if name == "offload-tracing":
+                scenarios.hop(bench, dep, "forwarded-traced")
+                results["tracing_exports"] = sink.exports
                 continue
             if name == "offload-batching-off":
                 # The same offload with the pool's dynamic batching off: the before/after of issue 11.
@@ -139,6 +150,7 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
             results["errors"].append({"design": name, "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
         finally:
             dep.stop()
+    sink.stop()
     try:
         log("streams: server-streaming messages/s through one gateway worker")
         results["streams"] = streams.measure(logdir, profile.stream_messages, profile.stream_reps, log)

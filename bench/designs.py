@@ -100,10 +100,11 @@ def offload(
     *,
     compute: Service | None = None,
     compute_env: dict[str, str] | None = None,
+    gateway_env: dict[str, str] | None = None,
     variant: str = "",
 ) -> Deployment:
     """compute + gateway. Pass `compute` (already running) to reuse it with another gateway;
-    `compute_env` adds OFFLOAD_COMPUTE_* settings (a `variant` of the standard configuration)."""
+    `compute_env` / `gateway_env` add settings or variables (a `variant` of the standard configuration)."""
     workdir = shm_dir = None
     services = []
     if compute is None:
@@ -142,6 +143,7 @@ def offload(
                 "OFFLOAD_GATEWAY_PORT": str(port),
                 "OFFLOAD_GATEWAY_WORKERS": str(workers),
                 "OFFLOAD_GATEWAY_LOG_LEVEL": "INFO",  # the per-worker ready line is INFO
+                **(gateway_env or {}),
             }
         ),
         log_path=logdir / f"gateway-w{workers}-p{pool_size}-{table.rows}-{port}.log",

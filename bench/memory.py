@@ -49,7 +49,12 @@ def describe(proc: psutil.Process) -> str:
     if "-m compute" in text:
         return "compute"
     if "-m gateway" in text:
-        return "gateway master"
+        # gunicorn forks its workers from the master: same command line, the master is their parent.
+        try:
+            parent = proc.parent()
+            return "gateway worker (forked)" if parent is not None and "-m gateway" in " ".join(parent.cmdline()) else "gateway master"
+        except psutil.Error:
+            return "gateway master"
     if "-m uvicorn" in text:
         return "uvicorn master"
     if "multiprocessing" in text or "forkserver" in text:

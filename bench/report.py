@@ -214,12 +214,42 @@ def targets(results: dict) -> list[dict]:
     out = issue5_targets(results)
     for t in out:
         t.setdefault("section", "issue 5")
-    return out + hop_targets(results) + search_targets(results)
+    return out + hop_targets(results) + search_targets(results) + operations_targets(results)
 
 
 def _search_summary(results: dict, key: str, level: int | str) -> dict | None:
     entry = results.get("search_concurrency", {}).get(key, {}).get("levels", {}).get(str(level), {})
     return (entry.get("summary") or {}).get("heavy")
+
+
+def operations_targets(results: dict) -> list[dict]:
+    """The operations issue: what tracing costs on the hop, and the memory of the standard setup."""
+    out = []
+    levels = hop_levels(results)
+    hi = levels[-1] if levels else "64"
+    off, on = hop_cell(hop_row(results, "forwarded"), hi), hop_cell(hop_row(results, "forwarded-traced"), hi)
+    cpu_off, cpu_on = _cell_value(off, "cpu"), _cell_value(on, "cpu")
+    extra = None if cpu_off is None or cpu_on is None else cpu_on - cpu_off
+    out.append({
+        "section": "operations",
+        "target": f"Tracing: CPU per forwarded GetItem with every span exported (on) vs off, c={hi} "
+                  "(off imports no SDK: tests/test_tracing.py)",
+        "value": "not measured" if extra is None else
+                 f"on {fmt(cpu_on, 0)} µs vs off {fmt(cpu_off, 0)} µs: {extra:+.0f} µs per request ({fmt(ratio(cpu_on, cpu_off), 2)}×)",
+        "met": None,
+    })
+    rows = [r for r in results.get("memory", {}).get("sweep", [])
+            if r.get("design") == "offload" and r.get("workers") == 4 and r.get("pool_size") == 2]
+    if rows:
+        row = rows[0]
+        pss = row["total_pss"] / GIB
+        out.append({
+            "section": "operations",
+            "target": f"Total PSS <= 1.2 GiB: {row['table_bytes'] / GIB:.1f} GiB table, 4 gateway workers, pool 2",
+            "value": f"{pss:.3f} GiB (shared memory {row['shm_bytes'] / MIB:,.0f} MiB of it)",
+            "met": _status(pss, pss <= 1.2),
+        })
+    return out
 
 
 def search_targets(results: dict) -> list[dict]:
@@ -620,7 +650,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
     L.append("All figures come from this one run on this machine; compare designs by the ratios, not the absolute times. "
              "Cells show median [min–max] over repetitions.")
     L.append("")
-    for section in ("issue 5", "the hop", "Search batching"):
+    for section in ("issue 5", "the hop", "Search batching", "operations"):
         rows = [t for t in results.get("targets", []) if t.get("section", "issue 5") == section]
         if not rows:
             continue

@@ -179,6 +179,7 @@ def overload(bench: Bench, dep: Deployment) -> None:
 # request's path, whose CPU is the row's server CPU). Every row is a GetItem (or hello) round trip.
 HOP_ROWS = {
     "forwarded": ("GetItem via gateway (HTTP, batched to compute)", "get_item", "http", ("gateway", "compute")),
+    "forwarded-traced": ("GetItem via gateway, tracing on (OTLP/HTTP to a local sink)", "get_item", "http", ("gateway", "compute")),
     "direct-plain": ("GetItem direct gRPC (plain unary)", "get_item", "grpc", ("compute",)),
     "direct-batched": ("GetItem direct gRPC (coalescing client)", "get_item", "grpc-batched", ("compute",)),
     "inline": ("GetItem in-process FastAPI (naive-inline)", "get_item", "http", ("app",)),

@@ -1,11 +1,12 @@
-"""`python -m gateway`: N stateless uvicorn workers, each running `create_app()`.
+"""`python -m gateway`: N stateless uvicorn workers forked from one master that loaded the app
+(gateway/prefork.py).
 
 Before any worker starts, the launcher
 - checks the settings, the proto modules and their routes once: a mistake is printed as one
   line per problem, prefixed `gateway:`, and the exit code is 2;
 - creates a fresh PROMETHEUS_MULTIPROC_DIR, removed at exit. prometheus_client picks its
-  storage when first imported, so nothing this module imports may import it: with one worker,
-  uvicorn runs the app in this very process.
+  storage when first imported, so nothing this module imports may import it: the master loads
+  the app (and prometheus_client) only after this.
 
 Body size is enforced by the app while reading (413 for chunked bodies too), so no proxy is
 needed for that.
@@ -18,10 +19,9 @@ import shutil
 import sys
 import tempfile
 
-import uvicorn
-
 from gateway.auth import build_authenticator
 from gateway.json_codec import Codec
+from gateway.prefork import GatewayServer
 from gateway.settings import GatewaySettings
 from gateway.transcoding import routes_from_settings
 from offload import config, logs, tracing
@@ -50,27 +50,7 @@ def main() -> int:
         owned_dir = tempfile.mkdtemp(prefix="offload-gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = owned_dir
     try:
-        uvicorn.run(
-            "gateway.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http="httptools",
-            # WebSocket streams (gateway/websocket.py): the sans-I/O websockets protocol, pinned
-            # with the websockets library; its send() waits while the socket's buffer is full.
-            ws="websockets-sansio",
-            ws_max_size=settings.max_body_bytes,
-            ws_ping_interval=settings.ws_ping_interval_seconds,
-            ws_ping_timeout=settings.ws_ping_timeout_seconds,
-            ws_per_message_deflate=settings.ws_compression,
-            access_log=False,
-            log_config=None,  # our JSON logging (configured in each worker by create_app)
-            proxy_headers=False,
-            server_header=False,
-            timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
-        )
+        GatewayServer(settings).run()  # gunicorn's arbiter: preloads the app, forks the workers
     finally:
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Assembles the gateway ASGI app. Served by `python -m gateway` (uvicorn, factory=True).
 
-`create_app(settings)` runs once per worker: it reads the proto descriptors into routes (no
-network, no channel). The lifespan, inside the worker's running loop, opens the compute client
-and starts the heartbeat, and hands both to the routes through the lifespan state; on
-shutdown it closes both.
+`create_app(settings)` runs once, in the master before it forks the workers
+(gateway/prefork.py): it reads the proto descriptors into routes (no network, no channel, no
+thread). The lifespan, inside each worker's running loop, opens the compute client, starts the
+heartbeat and the span exporter, and hands them to the routes through the lifespan state; on
+shutdown it closes them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.admin import build_admin
 from gateway.client import ComputeClient
-from gateway.frontend import COMPUTE_STATE_KEY, HEARTBEAT_STATE_KEY, RestFrontend
+from gateway.frontend import COMPUTE_STATE_KEY, HEARTBEAT_STATE_KEY, TRACING_STATE_KEY, RestFrontend
 from gateway.json_codec import Codec
 from gateway.metrics import GatewayMetrics, worker_exited
 from gateway.openapi import build_openapi
@@ -38,10 +39,8 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
     logs.configure("gateway", settings.log_level, settings.log_format)
     routes = routes_from_settings(settings, Codec())
     registry = CollectorRegistry()
-    metrics = GatewayMetrics(registry, workers=settings.workers)
+    metrics = GatewayMetrics(registry)
     inflight: dict[int, str] = {}  # shared by the frontend (writes) and the heartbeat (reports)
-    # Per worker (this runs in the worker, after uvicorn's fork): its own span exporter thread.
-    tracing = Tracing.from_env("offload-gateway")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -56,9 +55,11 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
         client = ComputeClient(settings, routes, observer=metrics)
         await client.start()
         heartbeat.start()
+        # Per worker, after the fork: its own span exporter thread (None: tracing off).
+        tracing = Tracing.from_env("offload-gateway")
         log.info("gateway worker ready", extra={"routes": len(routes), "compute": settings.compute_address})
         try:
-            yield {COMPUTE_STATE_KEY: client, HEARTBEAT_STATE_KEY: heartbeat}
+            yield {COMPUTE_STATE_KEY: client, HEARTBEAT_STATE_KEY: heartbeat, TRACING_STATE_KEY: tracing}
         finally:
             await heartbeat.stop()
             await client.close(grace=1.0)
@@ -68,7 +69,7 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
 
     document = build_openapi(routes, max_timeout_seconds=settings.max_timeout_seconds, auth=settings.auth_enabled)
     admin = build_admin(lifespan, metrics, document)
-    return RestFrontend(routes, admin, settings, metrics, inflight, tracing)
+    return RestFrontend(routes, admin, settings, metrics, inflight)
 
 
 def route_table(app: Any) -> list[tuple[str, str, str]]:

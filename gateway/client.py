@@ -29,6 +29,8 @@ from offload.client import BatchObserver, ComputeChannel, UnaryMethod
 
 TIMEOUT_HEADER = "x-request-timeout"
 
+POLICY_WAIT_SECONDS = 2.0
+
 log = logging.getLogger("gateway.client")
 
 
@@ -111,6 +113,10 @@ class ComputeClient:
             elif route.full_method not in self._unary:
                 self._unary[route.full_method] = self.channel.unary(route.full_method, response_cls)
         self._health = health_pb2_grpc.HealthStub(self.channel.grpc_channel)
+        # Workers accept connections only once this returns: when compute is up, a worker's first
+        # calls are batched like the rest (forked workers are ready in milliseconds, before the
+        # policy would arrive). When compute is not up yet, calls go plain until it is.
+        await self.channel.wait_policy(POLICY_WAIT_SECONDS)
 
     async def close(self, grace: float | None = None) -> None:
         """Idempotent."""

@@ -37,9 +37,11 @@ log = logging.getLogger("gateway.frontend")
 ADMIN_PATHS = frozenset(["/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"])
 _ADMIN = frozenset([ADMIN_SCOPE])
 
-# Lifespan state entries (`scope["state"]`): this worker's ComputeClient and Heartbeat.
+# Lifespan state entries (`scope["state"]`): this worker's ComputeClient, Heartbeat and
+# Tracing (None when tracing is off).
 COMPUTE_STATE_KEY = "compute"
 HEARTBEAT_STATE_KEY = "heartbeat"
+TRACING_STATE_KEY = "tracing"
 
 
 class RestFrontend:
@@ -56,10 +58,8 @@ class RestFrontend:
         settings: GatewaySettings,
         metrics: GatewayMetrics,
         inflight: dict[int, str],
-        tracing: Tracing | None = None,
     ) -> None:
         self.routes = routes
-        self.tracing = tracing  # None: off (offload/tracing.py)
         self.fallback = fallback
         self.settings = settings
         self.metrics = metrics
@@ -158,25 +158,27 @@ class RestFrontend:
                 await self._refuse(scope, send, exc, ctx.request_id)
                 return
             ctx = dataclasses.replace(ctx, principal=key.key_id)
+        state = scope.get("state", {})
+        tracing: Tracing | None = state.get(TRACING_STATE_KEY)
         span = None
-        if self.tracing is None:
+        if tracing is None:
             # The gateway is a hop of the trace: its log lines and compute's carry its own span id.
             ctx = dataclasses.replace(ctx, traceparent=context.child_traceparent(ctx.traceparent))
         elif route is not None:
             # The request's span: a child of the caller's traceparent (if valid), and the parent
             # of everything compute does for it (ctx carries it on).
-            span = self.tracing.start(f"{scope.get('method', 'GET')} {route.path.template}",
-                                      context.valid_traceparent(headers.traceparent), kind=self.tracing.SERVER,
-                                      attributes={"http.request.method": scope.get("method", "GET"),
-                                                  "http.route": route.path.template, "url.path": scope["path"],
-                                                  "rpc.method": route.name, "offload.request_id": ctx.request_id})
-            ctx = dataclasses.replace(ctx, traceparent=self.tracing.traceparent(span))
+            span = tracing.start(f"{scope.get('method', 'GET')} {route.path.template}",
+                                 context.valid_traceparent(headers.traceparent), kind=tracing.SERVER,
+                                 attributes={"http.request.method": scope.get("method", "GET"),
+                                             "http.route": route.path.template, "url.path": scope["path"],
+                                             "rpc.method": route.name, "offload.request_id": ctx.request_id})
+            ctx = dataclasses.replace(ctx, traceparent=tracing.traceparent(span))
         with context.bound(ctx):
             if route is None:
                 await self._fallback(scope, receive, send, ctx.request_id, raw_path)
                 return
-            compute = scope.get("state", {}).get(COMPUTE_STATE_KEY)
-            await self._serve(RestCall(route, values, scope, receive, send, headers, ctx, compute), span)
+            call = RestCall(route, values, scope, receive, send, headers, ctx, state.get(COMPUTE_STATE_KEY))
+            await self._serve(call, span, tracing)
 
     def _match(self, method: str, raw_path: str) -> tuple[Route | None, dict[str, str]]:
         return _first_match(self._by_method.get(method, ()), raw_path)
@@ -184,7 +186,7 @@ class RestFrontend:
     def _match_stream(self, raw_path: str) -> tuple[Route | None, dict[str, str]]:
         return _first_match(self._streams, raw_path)
 
-    async def _serve(self, call: RestCall, span: Any = None) -> None:
+    async def _serve(self, call: RestCall, span: Any = None, tracing: Tracing | None = None) -> None:
         route = call.route
         started = time.perf_counter()
         key = id(call.scope)
@@ -220,7 +222,7 @@ class RestFrontend:
             self._count(route, status)
             if span is not None:
                 span.set_attribute("http.response.status_code", status)
-                self.tracing.end(span, None if status < 500 else str(status))
+                tracing.end(span, None if status < 500 else str(status))
             if self.settings.access_log:
                 log.info("request", extra={"rpc": route.name, "method": call.scope.get("method", "WEBSOCKET"), "path": call.scope["path"],
                                            "status": status, "seconds": round(elapsed, 6)})

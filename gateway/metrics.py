@@ -18,24 +18,27 @@ from offload.memory import PssCollector, children, is_resource_tracker
 
 
 
-def gateway_processes(workers: int) -> dict[int, str]:
-    """pid -> role of this gateway's processes: with several workers, uvicorn's supervisor (our
-    parent) and every worker it runs (its children); with one, this process alone."""
-    if workers <= 1:
+def gateway_processes() -> dict[int, str]:
+    """pid -> role of this gateway's processes: gunicorn's master (our parent) and every
+    worker it forked (its children). Outside the launcher (tests), this process alone."""
+    master = os.getppid()
+    try:
+        with open(f"/proc/{master}/cmdline", "rb") as f:
+            launched = b"gateway" in f.read()
+    except OSError:
+        launched = False
+    if not launched:
         return {os.getpid(): "gateway"}
-    supervisor = os.getppid()
-    # uvicorn spawns its workers, and spawning starts multiprocessing's resource tracker under
-    # the supervisor too: not a worker.
-    spawned = [pid for pid in children(supervisor) if not is_resource_tracker(pid)]
-    return {supervisor: "gateway-supervisor", **{pid: "gateway" for pid in spawned}}
+    forked = [pid for pid in children(master) if not is_resource_tracker(pid)]
+    return {master: "gateway-master", **{pid: "gateway" for pid in forked}}
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, workers: int = 1) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         # Read at scrape time by the worker that answers, for all of them (the files of
         # multiprocess mode hold no memory figures).
-        self._pss = PssCollector(lambda: gateway_processes(workers))
+        self._pss = PssCollector(gateway_processes)
         registry.register(self._pss)
         self.requests = Counter(
             "offload_gateway_requests",

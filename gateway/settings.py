@@ -27,7 +27,7 @@ class GatewaySettings(BaseSettings):
     # -- HTTP serving ----------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="HTTP listen host")
     port: int = Field(8000, ge=0, le=65535, description="HTTP listen port")
-    workers: int = Field(4, ge=1, description="uvicorn worker processes (each one is stateless)")
+    workers: int = Field(4, ge=1, description="Worker processes (uvicorn, forked by gunicorn after the app is loaded; each one is stateless)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest HTTP request body (413 beyond)")
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="Most bytes of all request headers together (431 beyond)")
     max_headers: int = Field(100, ge=8, description="Most request headers (431 beyond)")
@@ -37,6 +37,9 @@ class GatewaySettings(BaseSettings):
     )
     access_log: bool = Field(False, description="One JSON log line per request (costs ~100 us each)")
     graceful_shutdown_seconds: float = Field(10.0, gt=0, description="On SIGTERM, how long requests may finish")
+    worker_timeout_seconds: float = Field(
+        60.0, ge=2, description="A worker whose event loop has not ticked for this long is killed and replaced"
+    )
     log_level: str = Field("INFO", description="Log level")
     log_format: Literal["auto", "console", "json"] = Field(
         "auto", description="Log lines: json (one object per line, for log shippers), console (aligned key=value, for people; coloured on a terminal), auto: console when stderr is a terminal, else json"

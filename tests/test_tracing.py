@@ -171,3 +171,26 @@ def test_off_unless_asked_and_unknown_exporters_are_refused():
     assert enabled_exporters({"OTEL_TRACES_EXPORTER": "otlp,console"}) == ["otlp", "console"]
     with pytest.raises(ValueError, match="zipkin"):
         enabled_exporters({"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+def test_off_means_not_even_imported():
+    """Tracing off costs nothing: neither OpenTelemetry's SDK nor an exporter is imported by
+    compute or the gateway's app (FastAPI imports the API package itself), nor httpx by compute
+    while webhooks are off."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, clean_env
+
+    code = (
+        "import sys\n"
+        "import compute.server, gateway.prefork\n"
+        "from gateway.app import create_app\n"
+        "from offload.tracing import Tracing\n"
+        "create_app()\n"
+        "assert Tracing.from_env('x') is None\n"
+        "print(sorted({m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter', 'httpx'))}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -26,7 +26,7 @@ import logging
 import random
 import secrets
 import time
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from compute.errors import ComputeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from compute.jobs import store as st
@@ -35,7 +35,9 @@ from compute.jobs.messages import webhook_body
 from compute.jobs.types import Chunk, JobType
 from compute.jobs.webhook_policy import DestinationRefused, WebhookPolicy
 from compute.jobs.webhook_signing import parse_secret
-from compute.jobs.webhooks import Retry, WebhookSender
+
+if TYPE_CHECKING:
+    from compute.jobs.webhooks import WebhookSender
 from compute.pool import Lane
 from compute.runtime import Runtime
 from offload import context
@@ -93,6 +95,9 @@ class JobService:
         )
         webhooks = None
         if settings.webhook_secrets:
+            # Imported only when webhooks are on: httpx alone is ~5 MiB of compute's memory.
+            from compute.jobs.webhooks import Retry, WebhookSender
+
             webhooks = WebhookSender(
                 store,
                 WebhookPolicy(

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DESIGNS = ("offload", "naive-inline", "naive-executor")
-HOP_ROLES = {"forwarded", "direct-plain", "direct-batched", "inline", "hello"}
+HOP_ROLES = {"forwarded", "forwarded-traced", "direct-plain", "direct-batched", "inline", "hello"}
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ from tests.conftest import wait_until
 
 def test_piped_gateway_logs_json_without_color_message(shared_compute, gateway_factory):
     gateway = gateway_factory(shared_compute.address, workers=1)
-    wait_until(lambda: "Uvicorn running on" in gateway.log_text(), 10, message="uvicorn's start-up line")
+    wait_until(lambda: "Started server process" in gateway.log_text(), 10, message="uvicorn's start-up line")
     text = gateway.log_text()
     assert "\x1b" not in text and "\\u001b" not in text and "color_message" not in text
-    running = [json.loads(line) for line in text.splitlines() if "Uvicorn running on" in line]
-    assert running and running[0]["logger"] == "uvicorn.error"
+    lines = [json.loads(line) for line in text.splitlines()]  # every line JSON: gunicorn's and uvicorn's too
+    assert any(r["logger"] == "uvicorn.error" and "Started server process" in r["msg"] for r in lines)
+    assert any(r["logger"] == "gunicorn.error" and r["msg"].startswith("Listening at: http://127.0.0.1:") for r in lines)
 
 
 def test_console_form_in_both_processes_and_pool_workers(compute_factory, gateway_factory):
@@ -24,7 +25,7 @@ def test_console_form_in_both_processes_and_pool_workers(compute_factory, gatewa
         testing_pb2.SpinRequest(seconds=0), metadata=[("x-request-id", "console-1")], timeout=10
     )
     gateway = gateway_factory(compute.address, workers=1, log_format="console")
-    wait_until(lambda: "Uvicorn running on" in gateway.log_text(), 10, message="uvicorn's start-up line")
+    wait_until(lambda: "Started server process" in gateway.log_text(), 10, message="uvicorn's start-up line")
     compute.stop()
     gateway.stop()
 

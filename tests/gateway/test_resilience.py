@@ -75,3 +75,33 @@ def test_gateway_started_before_compute(compute_factory, gateway_factory):
         compute.start()
         gateway.wait_status("/readyz", 200, timeout=20)
         wait_until(lambda: client.get("/v1/items/item-1").status_code == 200, 10, message="calls succeed")
+
+
+def test_a_killed_gateway_worker_is_replaced_and_the_others_serve_on(compute, gateway_factory):
+    """Workers are forked by gunicorn's master (gateway/prefork.py): SIGKILL one, and the
+    gateway keeps answering while the master forks a replacement that serves too."""
+    import signal
+
+    gateway = gateway_factory(compute.address, workers=2)
+    master = psutil.Process(gateway.proc.pid)
+    before = {p.pid for p in master.children()}
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    killed = psutil.Process(victim)
+    killed.send_signal(signal.SIGKILL)
+    psutil.wait_procs([killed], timeout=10)  # gone (reaped by the master): it accepts nothing more
+    with gateway.client() as client:
+        for i in range(20):  # never a failed request: the other worker takes the connections
+            assert client.get(f"/v1/items/item-{i}", headers={"connection": "close"}).status_code == 200
+        wait_until(lambda: len({p.pid for p in master.children()} - before) == 1 and len(master.children()) == 2,
+                   20, 0.05, "a replacement worker")
+        replacement = ({p.pid for p in master.children()} - before).pop()
+
+        def ready_pids() -> set[int]:
+            return {r["pid"] for r in map(orjson.loads, gateway.log_text().splitlines()) if r["msg"] == "gateway worker ready"}
+
+        wait_until(lambda: replacement in ready_pids(), 20, 0.05, "the replacement ready")
+        for _ in range(20):
+            assert client.get("/v1/stats", headers={"connection": "close"}).status_code == 200
+        assert master.is_running()
+    assert "Worker (pid:%d) was sent SIGKILL" % victim in gateway.log_text()
