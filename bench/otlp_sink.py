@@ -1,20 +1,25 @@
-"""An OTLP/HTTP endpoint that accepts span exports and counts them, for the tracing-on hop row.
+"""An OTLP/HTTP endpoint that accepts span exports and counts them, for the tracing-on hop row
+(and, with `on_export`, the collector of tests/test_tracing.py).
 
-It parses nothing: the cost measured is what tracing costs the gateway and compute (span
+It parses nothing itself: the cost measured is what tracing costs the gateway and compute (span
 creation, batching, protobuf encoding, the POST), not a collector's work.
 """
 
 from __future__ import annotations
 
+import gzip
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 
 class OtlpSink:
-    """`start()` then `endpoint`; `stop()` (idempotent). `exports` counts the POSTs received."""
+    """`start()` then `endpoint`; `stop()` (idempotent). `exports` counts the POSTs received;
+    `on_export(body)` gets each one's protobuf body (an ExportTraceServiceRequest), unzipped."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_export: Callable[[bytes], None] | None = None) -> None:
         self.exports = 0
+        self._on_export = on_export
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> "OtlpSink":
@@ -24,8 +29,10 @@ class OtlpSink:
             protocol_version = "HTTP/1.1"  # keep-alive, as a collector would
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                self.rfile.read(int(self.headers.get("content-length", "0")))
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 sink.exports += 1
+                if sink._on_export is not None:
+                    sink._on_export(gzip.decompress(body) if self.headers.get("content-encoding") == "gzip" else body)
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")

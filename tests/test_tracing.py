@@ -1,20 +1,18 @@
 """Tracing across every process: a real gateway and compute export over OTLP/HTTP, configured
-only with the standard OTEL_* variables, to a real collector on loopback (an HTTP server in
-this test decoding the OTLP protobuf). One request must give one trace: gateway -> compute ->
+only with the standard OTEL_* variables, to a real receiver on loopback (an HTTP server in
+this test, decoding the OTLP protobuf). One request must give one trace: gateway -> compute ->
 pool task, each span the parent of the next, with the request id on each."""
 
 from __future__ import annotations
 
-import gzip
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from bench.otlp_sink import OtlpSink
 from offload.tracing import Tracing, enabled_exporters
 from tests.conftest import ComputeLauncher, wait_until
 from tests.gateway.conftest import GatewayLauncher
@@ -37,29 +35,12 @@ class Span:
 
 
 class Collector:
-    """An OTLP/HTTP trace receiver: POST /v1/traces, protobuf body."""
+    """The spans an OTLP/HTTP sink on loopback receives (bench/otlp_sink.py), decoded."""
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                if self.headers.get("content-encoding") == "gzip":
-                    body = gzip.decompress(body)
-                collector.add(ExportTraceServiceRequest.FromString(body))
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        self.sink = OtlpSink(on_export=lambda body: self.add(ExportTraceServiceRequest.FromString(body))).start()
+        self.endpoint = self.sink.endpoint
 
     def add(self, request: ExportTraceServiceRequest) -> None:
         for resource_spans in request.resource_spans:
@@ -74,8 +55,7 @@ class Collector:
         return [s for s in self.spans if s.attributes.get("offload.request_id") == request_id]
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.sink.stop()
 
 
 OTEL = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "50"}
