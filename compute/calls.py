@@ -208,12 +208,13 @@ class _Served:
         self._calls.inflight[id(self)] = self.ctx.request_id
         tracing = self._calls.tracing
         if tracing is not None:
-            self._span = tracing.start(self._bound.op.method, self.ctx.traceparent, kind=tracing.SERVER, attributes={
+            parent = self.ctx.traceparent if self.ctx.trace_from_caller else None  # no made-up parent
+            self._span = tracing.start(self._bound.op.method, parent, kind=tracing.SERVER, attributes={
                 "rpc.system": "grpc", "rpc.method": self._bound.short_name,
                 "rpc.service": self._bound.method.containing_service.full_name,
                 "offload.request_id": self.ctx.request_id,
             })  # fmt: skip
-            self.ctx = dataclasses.replace(self.ctx, traceparent=tracing.traceparent(self._span))
+            self.ctx = dataclasses.replace(self.ctx, traceparent=tracing.traceparent(self._span), trace_from_caller=True)
         self._token = context.bind(self.ctx)
         return self
 

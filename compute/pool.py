@@ -259,18 +259,19 @@ class HealingPool:
             timed = await future
         except BaseException as exc:
             if self._tracing is not None:
-                self._trace(live, batch, submitted_ns, time.time_ns(), None, type(exc).__name__)
+                self._trace(live, batch, submitted_ns, time.time_ns(), None, [type(exc).__name__] * len(live))
             for call, meta in zip(live, metas):
                 call.flags.discard(meta.flag)
                 _fail(call, exc if isinstance(exc, Exception) else Unavailable(RESTARTING))
             if not isinstance(exc, Exception):
                 raise
             return
-        if self._tracing is not None:
-            self._trace(live, batch, timed.started_ns, timed.ended_ns, timed.pid, None)
         outcome = timed.value
         if batch.segment is None and len(live) == 1:
             outcome = [outcome]
+        if self._tracing is not None:
+            errors = [type(r).__name__ if isinstance(r, BaseException) else None for r in outcome]
+            self._trace(live, batch, timed.started_ns, timed.ended_ns, timed.pid, errors)
         for call, meta, result in zip(live, metas, outcome, strict=True):
             call.flags.discard(meta.flag)
             if not call.waiting:
@@ -285,14 +286,16 @@ class HealingPool:
                 if call.segments_left == 0:
                     _finish(call)
 
-    def _trace(self, calls: list[PoolCall], batch: Batch, start_ns: int, end_ns: int, pid: int | None, error: str | None) -> None:
-        """One span per member call (a child of its call's span), with the worker's times."""
+    def _trace(self, calls: list[PoolCall], batch: Batch, start_ns: int, end_ns: int, pid: int | None,
+               errors: list[str | None]) -> None:
+        """One span per member call (a child of its call's span), with the worker's times (the
+        loop's, when the task failed as a whole) and the member's own outcome."""
         attributes = {"offload.pool.batch_size": len(calls)}
         if pid is not None:
             attributes["process.pid"] = pid
         if batch.segment is not None:
             attributes["offload.pool.segment"] = batch.segment
-        for call in calls:
+        for call, error in zip(calls, errors):
             self._tracing.record(f"pool {call.name}", call.meta.traceparent, start_ns, end_ns,
                                  {**attributes, "offload.request_id": call.meta.request_id}, error)
 

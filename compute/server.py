@@ -37,6 +37,7 @@ from compute.table import EmbeddingTable
 from offload.config import ConfigError
 from offload import loop_debug
 from offload.heartbeat import Heartbeat
+from offload import tracing
 from offload.tracing import Tracing
 from offload.keys import KeyRing
 from offload.memory import PssCollector
@@ -73,9 +74,10 @@ class ComputeServer:
             except (ValueError, OSError) as exc:
                 raise ConfigError([f"API keys: {exc}"]) from None
         try:
-            self.tracing = Tracing.from_env("offload-compute")  # None unless OTEL_TRACES_EXPORTER asks
+            tracing.check_env()  # the tracer itself is built in start(), after the pool's forkserver
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
+        self.tracing: Tracing | None = None
         self.registry = CollectorRegistry()
         self.table: EmbeddingTable | None = None
         self.pool: HealingPool | None = None
@@ -109,6 +111,9 @@ class ComputeServer:
         for directory in dict.fromkeys([settings.shm_dir, shm.SEMAPHORE_DIR]):
             shm.sweep_stale(directory)
         pool_module.prepare(settings.blas_threads)
+        # After the forkserver started, before any gRPC object: its exporter thread (and, for
+        # OTLP over gRPC, its channel) must never be in a process that forks (grpc#16001).
+        self.tracing = Tracing.from_env("offload-compute")  # None unless OTEL_TRACES_EXPORTER asks
         calls = self._calls = CallPath(self._operations, CallMetrics(self.registry), self.tracing)
         self.heartbeat = Heartbeat(
             interval=settings.heartbeat_interval,

@@ -19,12 +19,18 @@ import shutil
 import sys
 import tempfile
 
-from gateway.auth import build_authenticator
-from gateway.json_codec import Codec
-from gateway.prefork import GatewayServer
-from gateway.settings import GatewaySettings
-from gateway.transcoding import routes_from_settings
-from offload import config, logs, tracing
+# Before numpy is imported: the gateway does no BLAS work (numpy only formats float32 values),
+# and one BLAS thread means none besides the main one, so the master that forks the workers runs
+# no thread at all (gateway/prefork.py checks it).
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+from gateway.auth import build_authenticator  # noqa: E402
+from gateway.json_codec import Codec  # noqa: E402
+from gateway.prefork import GatewayServer  # noqa: E402
+from gateway.settings import GatewaySettings  # noqa: E402
+from gateway.transcoding import routes_from_settings  # noqa: E402
+from offload import config, logs, tracing  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +43,7 @@ def main() -> int:
             except (ValueError, OSError) as exc:
                 raise config.ConfigError([f"authentication: {exc}"]) from None
         try:
-            tracing.enabled_exporters()  # each worker builds its own exporter: check the variables once
+            tracing.check_env()  # each worker builds its own exporter: check the variables once, here
         except ValueError as exc:
             raise config.ConfigError([str(exc)]) from None
     except config.ConfigError as exc:

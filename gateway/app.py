@@ -53,12 +53,13 @@ def create_app(settings: GatewaySettings | None = None) -> RestFrontend:
             registry=registry,
         )
         client = ComputeClient(settings, routes, observer=metrics)
-        await client.start()
-        heartbeat.start()
-        # Per worker, after the fork: its own span exporter thread (None: tracing off).
-        tracing = Tracing.from_env("offload-gateway")
-        log.info("gateway worker ready", extra={"routes": len(routes), "compute": settings.compute_address})
+        tracing = None
         try:
+            await client.start()
+            heartbeat.start()
+            # Per worker, after the fork: its own span exporter thread (None: tracing off).
+            tracing = Tracing.from_env("offload-gateway")
+            log.info("gateway worker ready", extra={"routes": len(routes), "compute": settings.compute_address})
             yield {COMPUTE_STATE_KEY: client, HEARTBEAT_STATE_KEY: heartbeat, TRACING_STATE_KEY: tracing}
         finally:
             await heartbeat.stop()

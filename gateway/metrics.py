@@ -18,16 +18,15 @@ from offload.memory import PssCollector, children, is_resource_tracker
 
 
 
+# Set by the master (gateway/prefork.py) before it forks: its workers know whose children they are.
+MASTER_PID_VARIABLE = "OFFLOAD_GATEWAY_MASTER_PID"
+
+
 def gateway_processes() -> dict[int, str]:
-    """pid -> role of this gateway's processes: gunicorn's master (our parent) and every
-    worker it forked (its children). Outside the launcher (tests), this process alone."""
-    master = os.getppid()
-    try:
-        with open(f"/proc/{master}/cmdline", "rb") as f:
-            launched = b"gateway" in f.read()
-    except OSError:
-        launched = False
-    if not launched:
+    """pid -> role of this gateway's processes: gunicorn's master and every worker it forked
+    (its children). Outside the launcher (an app made in-process, tests), this process alone."""
+    master = int(os.environ.get(MASTER_PID_VARIABLE) or 0)
+    if master != os.getppid():
         return {os.getpid(): "gateway"}
     forked = [pid for pid in children(master) if not is_resource_tracker(pid)]
     return {master: "gateway-master", **{pid: "gateway" for pid in forked}}

@@ -20,6 +20,7 @@ import gc
 import importlib
 import logging
 import math
+import os
 import threading
 from typing import Any
 
@@ -90,7 +91,9 @@ class GatewayServer(BaseApplication):
             "worker_class": "gateway.prefork.GatewayWorker",
             "logger_class": "gateway.prefork.GatewayLogger",
             "preload_app": True,
-            "graceful_timeout": math.ceil(s.graceful_shutdown_seconds),  # gunicorn counts whole seconds
+            # Longer than uvicorn's own graceful wait: a worker then runs its lifespan shutdown
+            # (spans flushed, channel closed) before the arbiter would kill it.
+            "graceful_timeout": math.ceil(s.graceful_shutdown_seconds) + 5,
             "timeout": math.ceil(s.worker_timeout_seconds),
             "keepalive": 5,
             "accesslog": None,
@@ -102,15 +105,23 @@ class GatewayServer(BaseApplication):
 
     def load(self) -> Any:
         """Runs once, in the master, before any fork (preload_app)."""
-        from gateway.app import create_app
+        from gateway.app import create_app  # imports prometheus_client: only now that its directory is set
+        from gateway.metrics import MASTER_PID_VARIABLE, worker_exited
+
+        os.environ[MASTER_PID_VARIABLE] = str(os.getpid())
 
         app = create_app(self.settings)
         # What every worker imports once it serves, imported here to be shared too.
         for module in _SERVING_MODULES:
             importlib.import_module(module)
-        extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-        if extra:
-            raise RuntimeError(f"the gateway master must not run threads before forking its workers: {extra}")
+        # The master's own metric files (its gauges were made here): each worker makes its own.
+        worker_exited(os.getpid())
+        threads = _threads()
+        if threads > 1:
+            raise RuntimeError(
+                f"the gateway master runs {threads} threads; it must run none besides the main one before it forks "
+                "its workers (grpc#16001; OPENBLAS_NUM_THREADS=1 keeps numpy's BLAS from starting one)"
+            )
         gc.collect()
         gc.freeze()  # the app's objects stay shared: the collector never touches their pages again
         return app
@@ -124,6 +135,14 @@ _SERVING_MODULES = (
     "grpc.aio",
     "google.rpc.status_pb2",
 )
+
+
+def _threads() -> int:
+    """Threads of this process, native ones included (a C library's too), where /proc tells."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -33,6 +33,9 @@ class RequestContext:
     tracestate: str = ""
     # Who is calling: the API key's id the gateway authenticated (never the key), or "".
     principal: str = ""
+    # False when `traceparent` was made up here (the caller sent none): logs still carry it,
+    # but a trace span must not claim it as a parent that nobody recorded (offload/tracing.py).
+    trace_from_caller: bool = True
 
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
@@ -69,11 +72,13 @@ def from_headers(
     request_id: str | None, traceparent: str | None, tracestate: str | None = None, principal: str | None = None
 ) -> RequestContext:
     """Build a context from inbound values, generating what is missing or malformed."""
+    received = valid_traceparent(traceparent)
     return RequestContext(
         request_id=valid_request_id(request_id) or new_request_id(),
-        traceparent=valid_traceparent(traceparent) or child_traceparent(None),
+        traceparent=received or child_traceparent(None),
         tracestate=(tracestate or "")[:512],
         principal=principal if principal and _PRINCIPAL_RE.match(principal) else "",
+        trace_from_caller=received is not None,
     )
 
 

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ("offload/v1", "offload/testing", "buf")
 STOP_SECONDS = 15.0  # SIGTERM, then SIGKILL: compute drains for up to its drain grace
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 30.0
+LINE_LIMIT = 1 << 20  # longest output line read whole (asyncio's default is 64 KiB)
 
 
 class CodeFilter(DefaultFilter):
@@ -68,7 +69,7 @@ class Child:
     async def start(self) -> None:
         self._started_at = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            *self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, limit=LINE_LIMIT
         )
         say(f"{self.name} started (pid {self.proc.pid})")
         self._pump = asyncio.create_task(self._copy_output(self.proc))
@@ -78,7 +79,8 @@ class Child:
         self._replaced.clear()
         try:
             await self._terminate()
-            await self.start()
+            if not self._stopping:  # Ctrl-C while it was stopping: no new process
+                await self.start()
         finally:
             self._replaced.set()
 
@@ -121,9 +123,18 @@ class Child:
             await self._pump
 
     async def _copy_output(self, proc: asyncio.subprocess.Process) -> None:
+        """Until the process closes its output; never stops reading early (a child blocked on a
+        full pipe would freeze), whatever its lines are like."""
         assert proc.stdout is not None
-        async for line in proc.stdout:
-            sys.stdout.write(f"{_clock()} {self.prefix}{line.decode(errors='replace')}")
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line longer than LINE_LIMIT: pass on what is buffered
+                line = await proc.stdout.read(LINE_LIMIT)
+            if not line:
+                return
+            text = line.decode(errors="replace")
+            sys.stdout.write(f"{_clock()} {self.prefix}{text if text.endswith(chr(10)) else text + chr(10)}")
             sys.stdout.flush()
 
 
@@ -148,6 +159,7 @@ class DevServer:
         ]
         await stop.wait()
         say("stopping")
+        tasks[2].cancel()  # no restart for a change seen from now on
         await asyncio.gather(self.gateway.stop(), self.compute.stop())
         for task in tasks:
             task.cancel()

@@ -41,9 +41,26 @@ def enabled_exporters(environ: Mapping[str, str] = os.environ) -> list[str]:
     return names
 
 
+def check_env(environ: Mapping[str, str] = os.environ) -> None:
+    """ValueError, in one line, for OTEL_* values offload cannot honour; builds nothing (no
+    thread, no channel: safe before a fork)."""
+    if "otlp" in enabled_exporters(environ):
+        _otlp_protocol(environ)
+
+
+def _otlp_protocol(environ: Mapping[str, str]) -> str:
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip().lower()
+    if protocol not in ("http/protobuf", "grpc"):
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf or grpc)")
+    return protocol
+
+
 class Tracing:
-    """This process's tracer provider and the few operations offload needs. `from_env()` in the
-    entry point (after any fork); `shutdown()` once at exit, which flushes what is pending."""
+    """This process's tracer provider and the few operations offload needs. `from_env()` after
+    any fork (it starts the span exporter's thread, and an OTLP/gRPC exporter opens a channel):
+    in compute after the pool's forkserver, in the gateway in each worker's lifespan.
+    `shutdown()` once at exit, which flushes what is pending."""
 
     def __init__(self, provider: Any) -> None:
         from opentelemetry import trace
@@ -106,12 +123,8 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or "http/protobuf").strip().lower()
-    if protocol == "grpc":
+    if _otlp_protocol(environ) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     else:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf or grpc)")
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     return OTLPSpanExporter()

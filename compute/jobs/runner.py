@@ -33,7 +33,7 @@ from compute.jobs import store as st
 from compute.jobs import types as job_types
 from compute.jobs.messages import webhook_body
 from compute.jobs.types import Chunk, JobType
-from compute.jobs.webhook_policy import DestinationRefused, WebhookPolicy
+from compute.jobs.webhook_policy import REFUSED, DestinationRefused, DestinationUnresolved, WebhookPolicy
 from compute.jobs.webhook_signing import parse_secret
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class JobService:
             settings.jobs_db_path,
             max_bytes=settings.jobs_db_max_bytes,
             synchronous=settings.jobs_db_synchronous,
-            webhook_body=webhook_body,
+            webhook_body=webhook_body if settings.webhook_secrets else None,  # no sender: no deliveries queued
         )
         webhooks = None
         if settings.webhook_secrets:
@@ -187,6 +187,8 @@ class JobService:
                 await self.webhooks.policy.check(webhook[0])
             except DestinationRefused as exc:
                 raise InvalidArgument(f"webhook.url: {exc}") from exc
+            except DestinationUnresolved as exc:  # the same words: submitters cannot probe which names exist
+                raise InvalidArgument(f"webhook.url: {REFUSED}") from exc
         now = time.time()
         record = st.JobRecord(
             id=new_job_id(), type=job_type, state=st.QUEUED, spec=spec, idempotency_key=idempotency_key or None,

@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -52,6 +53,7 @@ ACTIVE = (QUEUED, RUNNING)
 TERMINAL_EVENTS = {SUCCEEDED: "job.succeeded", FAILED: "job.failed", CANCELLED: "job.cancelled"}
 PROGRESS_EVENT = "job.progress"
 PENDING, DELIVERED, GAVE_UP = "PENDING", "DELIVERED", "GAVE_UP"
+PENDING_DELIVERY_MAX_AGE = 7 * 86_400.0  # of a pending delivery whose job expired (no sender left)
 # Builds a delivery's body from the changed row, its event type and the time: given by the
 # job service, so the store stays free of the wire format.
 WebhookBody = Callable[["JobRecord", str, float], bytes]
@@ -196,9 +198,10 @@ class JobStore(abc.ABC):
     # -- webhook deliveries: written in the same transaction as the change that fires them ----
 
     @abc.abstractmethod
-    async def claim_deliveries(self, now: float, limit: int, lease: float) -> list[Delivery]:
-        """Up to `limit` PENDING deliveries due at `now`, oldest first, leased for `lease` seconds
-        (not due again meanwhile: a sender that dies mid-attempt leaves them due after it)."""
+    async def claim_deliveries(self, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Delivery]:
+        """Up to `limit` PENDING deliveries due now, oldest first, but those in `exclude` (being
+        attempted), leased for `lease` seconds: their `next_attempt_time` is the lease's end, so
+        a sender that dies mid-attempt leaves them due again after it."""
 
     @abc.abstractmethod
     async def next_delivery_due(self) -> float | None:
@@ -206,9 +209,10 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def record_attempt(
-        self, delivery_id: str, state: str, status: int, error: str | None, next_attempt: float, now: float
-    ) -> None:
-        """One more attempt: its outcome, the new state and (PENDING) when to try again."""
+        self, leased: Delivery, state: str, status: int, error: str | None, next_attempt: float, now: float
+    ) -> bool:
+        """One more attempt of `leased` (as claimed): its outcome, the new state and (PENDING)
+        when to try again. Only while that lease holds; False (nothing written) once it ran out."""
 
     @abc.abstractmethod
     async def deliveries(self, job_id: str, limit: int) -> list[Delivery]:
@@ -306,6 +310,7 @@ class SqliteJobStore(JobStore):
     """SQLite in WAL mode. `open()` once, `close()` once (idempotent). Single process owner."""
 
     def __init__(self, path: Path, *, max_bytes: int, synchronous: str = "FULL", webhook_body: WebhookBody | None = None) -> None:
+        """`webhook_body`: builds deliveries' bodies; None (webhooks off) queues none."""
         self.path = path
         self._webhook_body = webhook_body
         self._max_bytes = max_bytes
@@ -518,9 +523,12 @@ class SqliteJobStore(JobStore):
         def run(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM job_chunks WHERE job_id IN (SELECT id FROM jobs WHERE expire_time <= ?)", (now,))
             removed = conn.execute("DELETE FROM jobs WHERE expire_time <= ?", (now,)).rowcount
-            # A pending delivery outlives its job until it is delivered or given up.
+            # A pending delivery outlives its job until it is delivered or given up, or (no sender
+            # any more: webhooks turned off) until it is PENDING_DELIVERY_MAX_AGE old.
             conn.execute(
-                "DELETE FROM webhook_deliveries WHERE state != 'PENDING' AND job_id NOT IN (SELECT id FROM jobs)"
+                "DELETE FROM webhook_deliveries WHERE job_id NOT IN (SELECT id FROM jobs)"
+                " AND (state != 'PENDING' OR create_time <= ?)",
+                (now - PENDING_DELIVERY_MAX_AGE,),
             )
             return removed
 
@@ -551,7 +559,7 @@ class SqliteJobStore(JobStore):
     def _changed(self, conn: sqlite3.Connection, record: JobRecord | None, now: float, progress: bool = False) -> JobRecord | None:
         """Queue the webhook delivery this change fires, in the change's own transaction: a
         committed change always has its delivery (the outbox pattern)."""
-        event = None if record is None else record.webhook_event(progress)
+        event = None if record is None or self._webhook_body is None else record.webhook_event(progress)
         if event is not None:
             assert record is not None and record.webhook_url and self._webhook_body is not None
             conn.execute(
@@ -562,13 +570,15 @@ class SqliteJobStore(JobStore):
             )
         return record
 
-    async def claim_deliveries(self, now: float, limit: int, lease: float) -> list[Delivery]:
+    async def claim_deliveries(self, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Delivery]:
         def run(conn: sqlite3.Connection) -> list[Delivery]:
+            now = time.time()  # in the store's thread: a queue before it cannot shorten the lease
+            skip = f" AND id NOT IN ({', '.join('?' for _ in exclude)})" if exclude else ""
             rows = conn.execute(
                 "UPDATE webhook_deliveries SET next_attempt_time = ? WHERE id IN ("
-                " SELECT id FROM webhook_deliveries WHERE state = 'PENDING' AND next_attempt_time <= ?"
+                f" SELECT id FROM webhook_deliveries WHERE state = 'PENDING' AND next_attempt_time <= ?{skip}"
                 " ORDER BY next_attempt_time LIMIT ?) RETURNING *",
-                (now + lease, now, limit),
+                (now + lease, now, *exclude, limit),
             ).fetchall()
             return sorted((_delivery(row) for row in rows), key=lambda d: d.create_time)
 
@@ -583,16 +593,17 @@ class SqliteJobStore(JobStore):
         return await self._call(run)
 
     async def record_attempt(
-        self, delivery_id: str, state: str, status: int, error: str | None, next_attempt: float, now: float
-    ) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
+        self, leased: Delivery, state: str, status: int, error: str | None, next_attempt: float, now: float
+    ) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
                 "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
-                " last_attempt_time = ?, next_attempt_time = ? WHERE id = ? AND state = 'PENDING'",
-                (state, status, error, now, next_attempt, delivery_id),
-            )
+                " last_attempt_time = ?, next_attempt_time = ? WHERE id = ? AND state = 'PENDING'"
+                " AND next_attempt_time = ?",
+                (state, status, error, now, next_attempt, leased.id, leased.next_attempt_time),
+            ).rowcount == 1
 
-        await self._call(self._write, run)
+        return await self._call(self._write, run)
 
     async def deliveries(self, job_id: str, limit: int) -> list[Delivery]:
         def run() -> list[Delivery]:

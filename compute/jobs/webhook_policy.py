@@ -10,10 +10,11 @@ its host resolves to is
 - a public (globally routable, unicast) address, unless `webhook_allow_public` is off.
 
 Private, loopback, link-local (the metadata endpoints among them), shared (100.64/10),
-multicast, reserved and unspecified addresses are therefore refused unless allowlisted;
-IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry. The sender connects to
-the very address that was checked (`Destination.address`), so a DNS answer that changes
-between the check and the connect (rebinding) cannot slip through.
+multicast, reserved, site-local and unspecified addresses are therefore refused unless
+allowlisted; an IPv6 address that carries an IPv4 one (mapped, NAT64, 6to4, Teredo,
+compatible) must pass as that IPv4 address too. The sender connects to the very addresses
+that were checked (`Destination.addresses`), so a DNS answer that changes between the check
+and the connect (rebinding) cannot slip through.
 """
 
 from __future__ import annotations
@@ -35,14 +36,21 @@ class DestinationRefused(Exception):
     it may reach the submitter, and what a name resolves to inside the deployment is not theirs."""
 
 
+class DestinationUnresolved(Exception):
+    """The host name did not resolve now (no such name, or DNS down or slow): at delivery time
+    a failed attempt, retried like any other; at submit, refused with DestinationRefused's words
+    (one answer for both, so submitters cannot probe which internal names exist)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """A checked target: connect to `address`, send `Host: host_header`, verify TLS for `host`."""
+    """A checked target: connect to one of `addresses` (all checked), send `Host: host_header`,
+    verify TLS for `host`."""
 
     scheme: str
     host: str
     port: int
-    address: str
+    addresses: tuple[str, ...]
     path: str  # path and query, as given
 
     @property
@@ -51,11 +59,10 @@ class Destination:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
 
-    @property
-    def connect_url(self) -> str:
-        """The URL with the checked address in place of the host name."""
-        address = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{self.scheme}://{address}:{self.port}{self.path}"
+    def connect_url(self, address: str) -> str:
+        """The URL with a checked address in place of the host name."""
+        literal = f"[{address}]" if ":" in address else address
+        return f"{self.scheme}://{literal}:{self.port}{self.path}"
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -114,7 +121,10 @@ class WebhookPolicy:
         return scheme, host, port or (443 if scheme == "https" else 80), path
 
     async def check(self, url: str) -> Destination:
-        """Resolve the URL's host and check every address; the first one is the one to use."""
+        """Resolve the URL's host and check every address it resolves to.
+
+        Raises DestinationRefused (not allowed: final) or DestinationUnresolved (try again later).
+        """
         scheme, host, port, path = self.parse(url)
         literal = _address(host)
         if literal is not None:
@@ -122,22 +132,24 @@ class WebhookPolicy:
         else:
             try:
                 addresses = await asyncio.wait_for(self._resolve(host, port), self._resolve_timeout)
+            except (UnicodeError, ValueError) as exc:  # IDNA: an empty or over-long label
+                raise DestinationRefused("the webhook url's host is not a valid host name") from exc
             except (OSError, TimeoutError) as exc:
-                raise DestinationRefused("the webhook url's host cannot be resolved") from exc
+                raise DestinationUnresolved("the webhook url's host did not resolve") from exc
             if not addresses:
-                raise DestinationRefused("the webhook url's host cannot be resolved")
+                raise DestinationUnresolved("the webhook url's host did not resolve")
         for text in addresses:
             address = _address(text)
             if address is None or not self.allows(host, address):
-                raise DestinationRefused(
-                    "the webhook url's host resolves to a private, loopback, link-local, reserved or "
-                    "otherwise refused address; compute's webhook allowlist must name it"
-                )
-        return Destination(scheme, host, port, addresses[0], path)
+                raise DestinationRefused(REFUSED)
+        return Destination(scheme, host, port, tuple(addresses), path)
 
     def allows(self, host: str, address: IPAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        """Every form of the address must pass: an IPv6 address that carries an IPv4 one
+        (mapped, NAT64, 6to4, Teredo, compatible) is judged as that IPv4 address too."""
+        return all(self._allows_one(host, form) for form in _forms(address))
+
+    def _allows_one(self, host: str, address: IPAddress) -> bool:
         if any(address in network for network in self.networks):
             return True
         if _address(host) is None and (host in self.hosts or any(host.endswith(s) for s in self.suffixes)):
@@ -145,9 +157,36 @@ class WebhookPolicy:
         return self.allow_public and is_public(address)
 
 
+REFUSED = (
+    "the webhook url's host does not resolve to an allowed address (private, loopback, link-local, "
+    "reserved and unresolvable ones are refused unless compute's webhook allowlist names them)"
+)
+# IPv6 ranges that are not global whatever the Python version says of them.
+_NEVER_PUBLIC = (ipaddress.ip_network("fec0::/10"),)  # site-local (deprecated, still routed privately)
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def is_public(address: IPAddress) -> bool:
     """Globally routable unicast: what any client may target without an allowlist."""
+    if any(address in network for network in _NEVER_PUBLIC if network.version == address.version):
+        return False
     return address.is_global and not address.is_multicast
+
+
+def _forms(address: IPAddress) -> list[IPAddress]:
+    """The address, and any IPv4 address embedded in an IPv6 one."""
+    forms: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        packed = int(address)
+        if packed >> 32 == 0 and packed > 1:  # ::a.b.c.d, IPv4-compatible (not :: or ::1)
+            embedded.append(ipaddress.IPv4Address(packed & 0xFFFFFFFF))
+        if packed >> 32 == 0xFFFF0000:  # ::ffff:0:a.b.c.d, IPv4-translated
+            embedded.append(ipaddress.IPv4Address(packed & 0xFFFFFFFF))
+        if any(address in network for network in _NAT64):
+            embedded.append(ipaddress.IPv4Address(packed & 0xFFFFFFFF))
+        forms.extend(a for a in embedded if a is not None)
+    return forms
 
 
 def parse_allow_entry(entry: str) -> tuple[str, object]:

@@ -25,7 +25,7 @@ import httpx
 
 from compute.errors import ComputeError
 from compute.jobs import store as st
-from compute.jobs.webhook_policy import DestinationRefused, WebhookPolicy
+from compute.jobs.webhook_policy import DestinationRefused, DestinationUnresolved, WebhookPolicy
 from compute.jobs.webhook_signing import sign
 
 log = logging.getLogger("compute.webhooks")
@@ -45,7 +45,7 @@ class Retry:
         """Seconds before the next attempt after `attempts` failed ones; None: give up."""
         if attempts >= self.max_attempts:
             return None
-        return random.uniform(0.0, min(self.ceiling, self.base * 2 ** (attempts - 1)))
+        return random.uniform(0.0, min(self.ceiling, self.base * 2 ** min(attempts - 1, 60)))
 
 
 class WebhookSender:
@@ -71,6 +71,7 @@ class WebhookSender:
         self.lease = timeout + 5.0  # longer than any attempt
         self._wake = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
+        self._in_flight: set[str] = set()  # delivery ids being attempted: never claimed twice at once
         self._loop_task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self.sent = {"delivered": 0, "failed": 0, "refused": 0}
@@ -107,15 +108,18 @@ class WebhookSender:
         while True:
             self._wake.clear()
             free = self.concurrency - len(self._attempts)
+            due: list[st.Delivery] = []
             try:
-                due = await self.store.claim_deliveries(time.time(), free, self.lease) if free > 0 else []
+                if free > 0:
+                    due = await self.store.claim_deliveries(free, self.lease, exclude=frozenset(self._in_flight))
                 for delivery in due:
+                    self._in_flight.add(delivery.id)
                     task = asyncio.get_running_loop().create_task(self._attempt(delivery))
                     self._attempts.add(task)
                     task.add_done_callback(self._finished)
                 next_due = await self.store.next_delivery_due()
-            except ComputeError as exc:
-                log.error("cannot read webhook deliveries", extra={"error": exc.message})
+            except Exception as exc:  # the sender must outlive any store error: log, wait, try again
+                log.error("cannot read webhook deliveries", extra={"error": getattr(exc, "message", repr(exc))})
                 next_due = None
             wait = IDLE_POLL_SECONDS if next_due is None else min(IDLE_POLL_SECONDS, max(0.0, next_due - time.time()))
             if free <= len(due):
@@ -130,7 +134,13 @@ class WebhookSender:
         self._wake.set()
 
     async def _attempt(self, delivery: st.Delivery) -> None:
-        status, error, refused = await self._post(delivery)
+        try:
+            status, error, refused = await self._post(delivery)
+        except Exception as exc:  # a bug or an unforeseen error: a failed attempt, so the cap applies
+            log.exception("webhook attempt failed unexpectedly", extra={"webhook_id": delivery.id})
+            status, error, refused = 0, f"internal error ({type(exc).__name__})", False
+        finally:
+            self._in_flight.discard(delivery.id)
         attempts = delivery.attempts + 1
         now = time.time()
         if 200 <= status < 300:
@@ -149,7 +159,8 @@ class WebhookSender:
         else:
             log.error("webhook delivery gave up", extra={**extra, "error": error})
         try:
-            await self.store.record_attempt(delivery.id, state, status, error, next_attempt, now)
+            # Fenced by the lease: an attempt whose lease already ran out records nothing.
+            await self.store.record_attempt(delivery, state, status, error, next_attempt, now)
         except ComputeError as exc:
             # The lease runs out and the delivery is attempted again: at least once, maybe twice.
             log.error("cannot record a webhook attempt", extra={**extra, "error": exc.message})
@@ -169,10 +180,17 @@ class WebhookSender:
                     "webhook-signature": sign(self.keys, delivery.id, stamp, delivery.body),
                 }
                 extensions = {"sni_hostname": destination.host} if destination.scheme == "https" else {}
-                request = self._client.build_request(
-                    "POST", destination.connect_url, content=delivery.body, headers=headers, extensions=extensions
-                )
-                response = await self._client.send(request, stream=True)
+                for index, address in enumerate(destination.addresses):  # each checked address in turn
+                    request = self._client.build_request(
+                        "POST", destination.connect_url(address), content=delivery.body, headers=headers,
+                        extensions=extensions,
+                    )
+                    try:
+                        response = await self._client.send(request, stream=True)
+                        break
+                    except httpx.ConnectError:
+                        if index == len(destination.addresses) - 1:
+                            raise
                 try:
                     read = 0
                     async for chunk in response.aiter_raw():
@@ -183,6 +201,8 @@ class WebhookSender:
                     await response.aclose()
         except DestinationRefused as exc:
             return 0, f"destination refused: {exc}", True
+        except DestinationUnresolved as exc:
+            return 0, str(exc), False
         except TimeoutError:
             return 0, f"timed out after {self.timeout:g} s", False
         except httpx.TimeoutException:
