@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import time
 from typing import TYPE_CHECKING, AsyncIterator
@@ -32,7 +31,9 @@ from compute.errors import ComputeError, FailedPrecondition, InvalidArgument, No
 from compute.jobs import store as st
 from compute.jobs import types as job_types
 from compute.jobs.messages import webhook_body
+from compute.jobs.backoff import Backoff
 from compute.jobs.types import Chunk, JobType
+from compute.jobs.watchers import JobWatchers
 from compute.jobs.webhook_policy import REFUSED, DestinationRefused, DestinationUnresolved, WebhookPolicy
 from compute.jobs.webhook_signing import parse_secret
 
@@ -46,9 +47,7 @@ from offload.v1 import jobs_pb2
 
 log = logging.getLogger("compute.jobs")
 
-WATCH_POLL_SECONDS = 1.0
 IDLE_POLL_SECONDS = 1.0
-_WATCH_QUEUE = 256
 
 
 def new_job_id() -> str:
@@ -71,12 +70,11 @@ class JobService:
         self._concurrency = settings.jobs_concurrency
         self._chunks_in_flight = settings.jobs_chunks_in_flight or settings.pool_size
         self._max_attempts = settings.jobs_max_attempts
-        self._backoff_base = settings.jobs_backoff_base_seconds
-        self._backoff_max = settings.jobs_backoff_max_seconds
+        self._backoff = Backoff(settings.jobs_max_attempts, settings.jobs_backoff_base_seconds, settings.jobs_backoff_max_seconds)
         self._sweep_interval = settings.jobs_sweep_interval_seconds
         self._max_queued = settings.jobs_max_queued
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._watchers: dict[str, set[asyncio.Queue[st.JobRecord | None]]] = {}
+        self._watchers = JobWatchers(lambda job_id: self.store.get(job_id, time.time()))
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -96,7 +94,7 @@ class JobService:
         webhooks = None
         if settings.webhook_secrets:
             # Imported only when webhooks are on: httpx alone is ~5 MiB of compute's memory.
-            from compute.jobs.webhooks import Retry, WebhookSender
+            from compute.jobs.webhooks import WebhookSender
 
             webhooks = WebhookSender(
                 store,
@@ -106,7 +104,7 @@ class JobService:
                     allow_http=settings.webhook_allow_http,
                 ),
                 [parse_secret(secret.get_secret_value()) for secret in settings.webhook_secrets],
-                Retry(settings.webhook_max_attempts, settings.webhook_backoff_base_seconds, settings.webhook_backoff_max_seconds),
+                Backoff(settings.webhook_max_attempts, settings.webhook_backoff_base_seconds, settings.webhook_backoff_max_seconds),
                 timeout=settings.webhook_timeout_seconds,
                 concurrency=settings.webhook_concurrency,
             )
@@ -135,9 +133,7 @@ class JobService:
         """Stop claiming and end watch streams (they resume elsewhere). Idempotent, sync."""
         self._draining = True
         self._wake.set()
-        for queues in self._watchers.values():
-            for queue in queues:
-                _offer(queue, None)
+        self._watchers.close()
 
     async def stop(self) -> None:
         """Stop running jobs (requeued, attempt refunded: they resume at next start). Idempotent."""
@@ -155,11 +151,7 @@ class JobService:
         now = time.time()
         for job_id in running:
             try:
-                record = await self.store.get(job_id, now)
-                if record is not None and record.state == st.RUNNING:
-                    await self.store.transition(
-                        job_id, (st.RUNNING,), st.QUEUED, now, attempts=max(0, record.attempts - 1), not_before=now
-                    )
+                await self.store.requeue(job_id, now, not_before=now, refund_attempt=True)
             except ComputeError as exc:
                 log.error("could not requeue a job at shutdown", extra={"job_id": job_id, "error": exc.message})
         if self.webhooks is not None:
@@ -217,7 +209,7 @@ class JobService:
         if not current.terminal:
             now = time.time()
             # Conditional: if the job finished meanwhile, this changes nothing and the finish stands.
-            record = await self.store.transition(job_id, st.ACTIVE, st.CANCELLED, now, end_time=now, expire_time=now + self.ttl)
+            record = await self.store.cancel(job_id, now, expire_time=now + self.ttl)
         if record is None:
             current = await self.get(job_id)
             if current.state == st.CANCELLED:
@@ -231,39 +223,13 @@ class JobService:
         return record
 
     async def watch(self, job_id: str, after_sequence: int) -> AsyncIterator[st.JobRecord]:
-        """Every change with sequence > after_sequence, ending after a terminal state.
-
-        Watchers only read: a watcher that goes away never affects the job.
-        """
-        queue: asyncio.Queue[st.JobRecord | None] = asyncio.Queue(_WATCH_QUEUE)
-        self._watchers.setdefault(job_id, set()).add(queue)  # before the read: no change is missed
-        try:
-            record: st.JobRecord | None = await self.get(job_id)
-            last = after_sequence
-            while True:
-                if record is None:
-                    if self._draining:
-                        raise Unavailable("compute is shutting down; reconnect with after_sequence to resume")
-                    return  # the job expired while watched
-                if record.sequence > last:
-                    last = record.sequence
-                    yield record
-                if record.terminal:
-                    return
-                try:
-                    record = await asyncio.wait_for(queue.get(), WATCH_POLL_SECONDS)
-                except TimeoutError:
-                    record = await self.store.get(job_id, time.time())
-        finally:
-            queues = self._watchers.get(job_id)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
-                    del self._watchers[job_id]
+        """Every change with sequence > after_sequence, ending after a terminal state."""
+        await self.get(job_id)  # NOT_FOUND before the stream starts
+        async for record in self._watchers.watch(job_id, after_sequence):
+            yield record
 
     def _publish(self, record: st.JobRecord) -> None:
-        for queue in self._watchers.get(record.id, ()):
-            _offer(queue, record)
+        self._watchers.publish(record)
         if self.webhooks is not None and record.webhook_url:
             self.webhooks.wake()  # the change may have queued a delivery
 
@@ -377,7 +343,7 @@ class JobService:
                         await self._finish_failed(record, exc.code, exc.message)
                         return
                     done += chunk.entries
-                    updated = await self.store.save_chunk(record.id, index, st.ChunkPayload(start, chunk.entries, payload), done, time.time())
+                    updated = await self.store.progress(record.id, index, st.ChunkPayload(start, chunk.entries, payload), done, time.time())
                     if updated is None:
                         return  # cancelled while the chunk ran
                     self._publish(updated)
@@ -387,32 +353,25 @@ class JobService:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
         now = time.time()
-        final = await self.store.transition(
-            record.id, (st.RUNNING,), st.SUCCEEDED, now, end_time=now, expire_time=now + self.ttl, error_code=None, error_message=None
-        )
+        final = await self.store.succeed(record.id, now, expire_time=now + self.ttl)
         if final is not None:
             log.info("job succeeded", extra={"job_id": record.id, "seconds": round(now - (record.start_time or now), 3)})
             self._publish(final)
 
     async def _retry_or_fail(self, record: st.JobRecord, exc: ComputeError) -> None:
-        if record.attempts >= self._max_attempts:
+        delay = self._backoff.delay(record.attempts)
+        if delay is None:
             await self._finish_failed(record, exc.code, f"gave up after {record.attempts} attempts: {exc.message}")
             return
-        ceiling = min(self._backoff_max, self._backoff_base * 2 ** (record.attempts - 1))
-        delay = random.uniform(0.0, ceiling)  # full jitter
         now = time.time()
-        requeued = await self.store.transition(
-            record.id, (st.RUNNING,), st.QUEUED, now, not_before=now + delay, error_code=exc.code, error_message=exc.message
-        )
+        requeued = await self.store.requeue(record.id, now, not_before=now + delay, error=(exc.code, exc.message))
         if requeued is not None:
             log.warning("job attempt failed; retrying", extra={"job_id": record.id, "attempt": record.attempts, "delay_seconds": round(delay, 3), "error": exc.message})
             self._publish(requeued)
 
     async def _finish_failed(self, record: st.JobRecord, code: str, message: str) -> None:
         now = time.time()
-        failed = await self.store.transition(
-            record.id, (st.RUNNING,), st.FAILED, now, end_time=now, expire_time=now + self.ttl, error_code=code, error_message=message
-        )
+        failed = await self.store.fail(record.id, now, code, message, expire_time=now + self.ttl)
         if failed is not None:
             log.warning("job failed", extra={"job_id": record.id, "code": code, "error": message})
             self._publish(failed)
@@ -436,13 +395,3 @@ def _outcome(task: asyncio.Task) -> str | None:
     if exc is None:
         return None
     return exc.code if isinstance(exc, ComputeError) else type(exc).__name__
-
-
-def _offer(queue: asyncio.Queue, item) -> None:
-    """Never block the publisher: a slow watcher loses old snapshots, never the newest."""
-    while True:
-        try:
-            queue.put_nowait(item)
-            return
-        except asyncio.QueueFull:
-            queue.get_nowait()

@@ -1,9 +1,11 @@
 """Job persistence: a small interface, and SQLite (WAL) as the embedded default.
 
-The interface is what the job service needs and nothing more: submit (idempotent), claim,
-conditional transition, save a chunk of results with progress, get, list, expire, recover.
-Every state change is a conditional UPDATE (`... WHERE state IN (...)`), so when a cancel and
-a completion race, exactly one of them wins and the job has exactly one terminal state.
+The interface speaks in job operations, not columns: submit (idempotent), claim, progress (a
+chunk of results), succeed, fail, cancel, requeue, get, list, expire, recover; and the webhook
+outbox's claim_deliveries and record_attempt. Every state change is a conditional UPDATE
+(`... WHERE state IN (...)`), so when a cancel and a completion race, exactly one of them wins
+and the job has exactly one terminal state. The states themselves are the proto's
+(compute/jobs/states.py).
 
 Each row carries a `sequence` bumped by every change: the event number WatchJob streams.
 
@@ -39,15 +41,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from compute.errors import Unavailable
+from compute.jobs.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL
 
 log = logging.getLogger("compute.jobs.store")
 
 T = TypeVar("T")
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-ACTIVE = (QUEUED, RUNNING)
 
 # Webhook events (the `type` of a Standard Webhooks payload) and delivery states.
 TERMINAL_EVENTS = {SUCCEEDED: "job.succeeded", FAILED: "job.failed", CANCELLED: "job.cancelled"}
@@ -100,7 +99,8 @@ class JobRecord:
 
 COLUMNS = tuple(f.name for f in fields(JobRecord))
 COLUMN_SET = frozenset(COLUMNS)
-# What `transition` may set (besides state, update_time and sequence, always set).
+_ATTEMPT_REFUNDED = object()  # `attempts` given this: one less, in SQL (the row may have moved on)
+# What `_transition` may set (besides state, update_time and sequence, always set).
 UPDATABLE = frozenset(
     {"attempts", "done", "error_code", "error_message", "start_time", "end_time", "expire_time", "not_before"}
 )
@@ -164,13 +164,31 @@ class JobStore(abc.ABC):
     async def next_due(self) -> float | None:
         """Earliest `not_before` of the queued jobs (None: nothing queued)."""
 
-    @abc.abstractmethod
-    async def transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
-        """Set `state` (and `values`) only if the job is in one of `expect`; the new row, or None."""
+    # Each change below is conditional on the job's state: the new row, or None when the job was
+    # not in a state it applies to (a cancel and a completion race: exactly one wins).
 
     @abc.abstractmethod
-    async def save_chunk(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
-        """Store a chunk's results and progress, only if the job is still RUNNING."""
+    async def progress(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
+        """RUNNING: store a chunk's results and the progress, in one transaction."""
+
+    @abc.abstractmethod
+    async def succeed(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
+        """RUNNING -> SUCCEEDED."""
+
+    @abc.abstractmethod
+    async def fail(self, job_id: str, now: float, code: str, message: str, expire_time: float) -> JobRecord | None:
+        """RUNNING -> FAILED, with the reason (a google.rpc code name and a message)."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
+        """QUEUED or RUNNING -> CANCELLED."""
+
+    @abc.abstractmethod
+    async def requeue(
+        self, job_id: str, now: float, *, not_before: float, error: tuple[str, str] | None = None, refund_attempt: bool = False
+    ) -> JobRecord | None:
+        """RUNNING -> QUEUED, due at `not_before`: a retry after `error` (code, message), or
+        (`refund_attempt`) a job stopped by a shutdown, whose interrupted attempt does not count."""
 
     @abc.abstractmethod
     async def chunk_indexes(self, job_id: str) -> set[int]: ...
@@ -231,7 +249,7 @@ _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     type TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+    state TEXT NOT NULL CHECK (state IN ({states})),
     spec BLOB NOT NULL,
     idempotency_key TEXT UNIQUE,
     request_id TEXT NOT NULL,
@@ -262,6 +280,8 @@ CREATE TABLE IF NOT EXISTS job_chunks (
     PRIMARY KEY (job_id, chunk)
 );
 """
+
+_SCHEMA_V1 = _SCHEMA_V1.replace("{states}", ", ".join(f"'{name}'" for name in STATES))
 
 _SCHEMA_V2 = """
 ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
@@ -441,12 +461,37 @@ class SqliteJobStore(JobStore):
 
         return await self._call(run)
 
-    async def transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
+    async def succeed(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
+        return await self._transition(
+            job_id, (RUNNING,), SUCCEEDED, now, end_time=now, expire_time=expire_time, error_code=None, error_message=None
+        )
+
+    async def fail(self, job_id: str, now: float, code: str, message: str, expire_time: float) -> JobRecord | None:
+        return await self._transition(
+            job_id, (RUNNING,), FAILED, now, end_time=now, expire_time=expire_time, error_code=code, error_message=message
+        )
+
+    async def cancel(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
+        return await self._transition(job_id, ACTIVE, CANCELLED, now, end_time=now, expire_time=expire_time)
+
+    async def requeue(
+        self, job_id: str, now: float, *, not_before: float, error: tuple[str, str] | None = None, refund_attempt: bool = False
+    ) -> JobRecord | None:
+        values: dict[str, Any] = {"not_before": not_before}
+        if error is not None:
+            values["error_code"], values["error_message"] = error
+        if refund_attempt:
+            values["attempts"] = _ATTEMPT_REFUNDED
+        return await self._transition(job_id, (RUNNING,), QUEUED, now, **values)
+
+    async def _transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
+        """Set `state` (and `values`) only if the job is in one of `expect`; the new row, or None."""
         unknown = set(values) - UPDATABLE
         if unknown or state not in STATES:
             raise ValueError(f"cannot set {sorted(unknown) or state}")
         expect = tuple(expect)
-        assignments = "".join(f", {name} = ?" for name in values)
+        refund = values.pop("attempts", None) is _ATTEMPT_REFUNDED
+        assignments = "".join(f", {name} = ?" for name in values) + (", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END" if refund else "")
         sql = (
             f"UPDATE jobs SET state = ?, update_time = ?, sequence = sequence + 1{assignments}"
             f" WHERE id = ? AND state IN ({', '.join('?' for _ in expect)}) RETURNING *"
@@ -458,7 +503,7 @@ class SqliteJobStore(JobStore):
 
         return await self._call(self._write, run)
 
-    async def save_chunk(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
+    async def progress(self, job_id: str, index: int, chunk: ChunkPayload, done: int, now: float) -> JobRecord | None:
         def run(conn: sqlite3.Connection) -> JobRecord | None:
             updated = _one(
                 conn.execute(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Iterable
 
@@ -25,6 +24,7 @@ import httpx
 
 from compute.errors import ComputeError
 from compute.jobs import store as st
+from compute.jobs.backoff import Backoff
 from compute.jobs.webhook_policy import DestinationRefused, DestinationUnresolved, WebhookPolicy
 from compute.jobs.webhook_signing import sign
 
@@ -33,19 +33,6 @@ log = logging.getLogger("compute.webhooks")
 MAX_RESPONSE_BYTES = 4096
 USER_AGENT = "offload-webhooks/1"
 IDLE_POLL_SECONDS = 5.0  # a safety net: new deliveries wake the sender at once
-
-
-class Retry:
-    """Full-jitter exponential backoff with an attempt cap."""
-
-    def __init__(self, max_attempts: int, base: float, ceiling: float) -> None:
-        self.max_attempts, self.base, self.ceiling = max_attempts, base, ceiling
-
-    def delay(self, attempts: int) -> float | None:
-        """Seconds before the next attempt after `attempts` failed ones; None: give up."""
-        if attempts >= self.max_attempts:
-            return None
-        return random.uniform(0.0, min(self.ceiling, self.base * 2 ** min(attempts - 1, 60)))
 
 
 class WebhookSender:
@@ -57,7 +44,7 @@ class WebhookSender:
         store: st.JobStore,
         policy: WebhookPolicy,
         keys: list[bytes],
-        retry: Retry,
+        retry: Backoff,
         *,
         timeout: float,
         concurrency: int,

@@ -20,7 +20,8 @@ from compute.jobs import store as st
 from compute.jobs.messages import webhook_body
 from compute.jobs.webhook_policy import DestinationRefused, DestinationUnresolved, WebhookPolicy, parse_allow_entry
 from compute.jobs.webhook_signing import parse_secret
-from compute.jobs.webhooks import Retry, WebhookSender
+from compute.jobs.backoff import Backoff
+from compute.jobs.webhooks import WebhookSender
 from tests.conftest import wait_until
 from tests.jobs.webhook_receiver import Receiver
 
@@ -121,7 +122,7 @@ def test_the_address_is_checked_again_at_connect_time(tmp_path):
     async def scenario() -> tuple[list[st.Delivery], list[st.Delivery]]:
         store = st.SqliteJobStore(tmp_path / "jobs.sqlite3", max_bytes=1 << 24, webhook_body=webhook_body)
         await store.open()
-        sender = WebhookSender(store, policy, [parse_secret(SECRET)], Retry(3, 0.1, 0.2), timeout=2, concurrency=2)
+        sender = WebhookSender(store, policy, [parse_secret(SECRET)], Backoff(3, 0.1, 0.2), timeout=2, concurrency=2)
         sender.start()
         try:
             ids = []
@@ -142,7 +143,7 @@ def test_the_address_is_checked_again_at_connect_time(tmp_path):
                     answers[name] = ["127.0.0.1"]  # the name's answer changes after the check
                 if name == "flaky.test":
                     del answers[name]  # DNS stops answering for it: a failed attempt, not the end
-                await store.transition(record.id, (st.RUNNING,), st.SUCCEEDED, now, end_time=now)
+                await store.succeed(record.id, now, expire_time=now + 60)
                 ids.append(record.id)
                 sender.wake()
             for _ in range(200):
