@@ -97,6 +97,13 @@ class ComputeSettings(BaseSettings):
     rebuild_reset_seconds: float = Field(60.0, gt=0, description="Crash-free time after which backoff resets")
 
     # -- jobs ---------------------------------------------------------------------------------
+    jobs_database_url: SecretStr | None = Field(
+        None, description="PostgreSQL job store shared by compute replicas (postgresql://user:pass@host/db); unset: SQLite at jobs_db_path"
+    )
+    jobs_database_pool_size: int = Field(8, ge=1, description="Connections of this compute to the PostgreSQL job store (one more listens)")
+    jobs_lease_seconds: float = Field(
+        30.0, ge=1, description="A running job's claim lasts this long unrenewed: a dead replica's jobs are requeued after it"
+    )
     jobs_db_path: Path = Field(Path("var/jobs.sqlite3"), description="SQLite job store (WAL); its directory is created")
     jobs_db_max_bytes: int = Field(1 << 30, ge=1 << 20, description="Size cap of the job store; when reached, SubmitJob answers UNAVAILABLE")
     jobs_db_synchronous: Literal["NORMAL", "FULL"] = Field(

@@ -31,6 +31,7 @@ from compute.errors import ComputeError, FailedPrecondition, InvalidArgument, No
 from compute.jobs import store as st
 from compute.jobs import types as job_types
 from compute.jobs.messages import webhook_body
+from compute.jobs.sqlite_store import SqliteJobStore
 from compute.jobs.backoff import Backoff
 from compute.jobs.types import Chunk, JobType
 from compute.jobs.watchers import JobWatchers
@@ -83,14 +84,27 @@ class JobService:
 
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> "JobService":
-        """The service as the settings describe it: SQLite store, job types from `job_type_modules` + `extra_job_type_modules`."""
+        """The service as the settings describe it: the PostgreSQL store if `jobs_database_url`
+        is set, else SQLite; job types from `job_type_modules` + `extra_job_type_modules`."""
         settings = runtime.settings
-        store = st.SqliteJobStore(
-            settings.jobs_db_path,
-            max_bytes=settings.jobs_db_max_bytes,
-            synchronous=settings.jobs_db_synchronous,
-            webhook_body=webhook_body if settings.webhook_secrets else None,  # no sender: no deliveries queued
-        )
+        body = webhook_body if settings.webhook_secrets else None  # no sender: no deliveries queued
+        store: st.JobStore
+        if settings.jobs_database_url is not None:
+            # Imported only then: psycopg is not loaded by a compute that does not use it.
+            from compute.jobs.postgres_store import PostgresJobStore
+
+            store = PostgresJobStore(
+                settings.jobs_database_url.get_secret_value(), webhook_body=body, lease=settings.jobs_lease_seconds,
+                pool_size=settings.jobs_database_pool_size,
+            )
+        else:
+            store = SqliteJobStore(
+                settings.jobs_db_path,
+                max_bytes=settings.jobs_db_max_bytes,
+                synchronous=settings.jobs_db_synchronous,
+                webhook_body=body,
+                lease=settings.jobs_lease_seconds,
+            )
         webhooks = None
         if settings.webhook_secrets:
             # Imported only when webhooks are on: httpx alone is ~5 MiB of compute's memory.
@@ -124,8 +138,9 @@ class JobService:
                 log.warning("recovered interrupted jobs", extra={"requeued": requeued, "failed": failed})
         except st.StoreUnavailable as exc:
             log.error("cannot recover interrupted jobs: the job store is not writable", extra={"error": exc.message})
+        self.store.subscribe(self._changed_elsewhere)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._dispatch()), loop.create_task(self._sweep())]
+        self._tasks = [loop.create_task(self._dispatch()), loop.create_task(self._sweep()), loop.create_task(self._keep_leases())]
         if self.webhooks is not None:
             self.webhooks.start()  # deliveries still owed from before a restart go out now
 
@@ -375,6 +390,39 @@ class JobService:
         if failed is not None:
             log.warning("job failed", extra={"job_id": record.id, "code": code, "error": message})
             self._publish(failed)
+
+    async def _keep_leases(self) -> None:
+        """Renew this process's claims; requeue the jobs of a process that is gone (another
+        replica that died, with a shared store). Every third of a lease."""
+        while True:
+            await asyncio.sleep(self.store.lease / 3)
+            try:
+                await self.store.renew(time.time())
+                requeued, failed = await self.store.recover(self._max_attempts, self.ttl, time.time())
+                if requeued or failed:
+                    log.warning("reclaimed the jobs of a compute that is gone", extra={"requeued": requeued, "failed": failed})
+                    self._wake.set()
+            except ComputeError as exc:
+                log.error("cannot renew or reclaim job leases", extra={"error": exc.message})
+
+    def _changed_elsewhere(self, job_id: str) -> None:
+        """Another process changed a job (a shared store): tell this process's watchers, and stop
+        the job here if it was cancelled there."""
+        asyncio.get_running_loop().create_task(self._refresh(job_id))
+
+    async def _refresh(self, job_id: str) -> None:
+        try:
+            record = await self.store.get(job_id, time.time())
+        except ComputeError:
+            return  # watchers re-read their job every second anyway
+        if record is None:
+            return
+        self._watchers.publish(record)
+        task = self._running.get(job_id)
+        if record.state == st.CANCELLED and task is not None:
+            task.cancel()  # stops the running chunk in its pool worker
+        if self.webhooks is not None and record.webhook_url:
+            self.webhooks.wake()
 
     async def _sweep(self) -> None:
         while True:

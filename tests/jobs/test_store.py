@@ -1,41 +1,45 @@
 """The job store's contract, backend by backend: every change is conditional on the job's
 state, so racing operations leave exactly one outcome; deliveries ride along in the outbox.
 
-The `store` fixture is parametrized by backend (SQLite today), so a second backend runs the
-same tests."""
+Every test runs against both backends: SQLite, and a real PostgreSQL server the session starts
+(tests/postgres.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Awaitable, Callable
 
 import pytest
 
 from compute.jobs import store as st
 from compute.jobs.messages import webhook_body
+from compute.jobs.postgres_store import PostgresJobStore
+from compute.jobs.sqlite_store import SqliteJobStore
 
-Scenario = Callable[[st.JobStore], Awaitable[None]]
-
-
-def sqlite_store(path: Path) -> st.JobStore:
-    return st.SqliteJobStore(path / "jobs.sqlite3", max_bytes=1 << 24, webhook_body=webhook_body)
+Scenario = Callable[[st.JobStore, Callable[[], st.JobStore]], Awaitable[None]]
 
 
-BACKENDS = {"sqlite": sqlite_store}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=["sqlite", "postgres"])
 def run(request, tmp_path) -> Callable[[Scenario], None]:
-    """run(scenario): the scenario against an opened store of this backend, closed afterwards."""
+    """run(scenario): scenario(store, make) against an opened store of this backend (PostgreSQL:
+    a fresh database on the session's server), closed afterwards; `make()` makes another
+    instance on the same database (another process, as far as the store can tell)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_database")
+
+        def make() -> st.JobStore:
+            return PostgresJobStore(url, webhook_body=webhook_body, lease=5.0)
+    else:
+        def make() -> st.JobStore:
+            return SqliteJobStore(tmp_path / "jobs.sqlite3", max_bytes=1 << 24, webhook_body=webhook_body, lease=5.0)
 
     def go(scenario: Scenario) -> None:
         async def main() -> None:
-            store = BACKENDS[request.param](tmp_path)
+            store = make()
             await store.open()
             try:
-                await asyncio.wait_for(scenario(store), 30)
+                await asyncio.wait_for(scenario(store, make), 30)
             finally:
                 await store.close()
 
@@ -57,7 +61,7 @@ def record(job_id: str = "job-1", key: str | None = None, webhook: str | None = 
 
 
 def test_submit_is_idempotent_by_key_and_bounded(run):
-    async def scenario(store: st.JobStore) -> None:
+    async def scenario(store: st.JobStore, make) -> None:
         first, created = await store.submit(record("a", key="k"), max_queued=2)
         again, created_again = await store.submit(record("b", key="k"), max_queued=2)
         assert created and not created_again and again.id == first.id == "a"
@@ -69,7 +73,7 @@ def test_submit_is_idempotent_by_key_and_bounded(run):
 
 
 def test_claim_progress_succeed_and_the_losers_of_races(run):
-    async def scenario(store: st.JobStore) -> None:
+    async def scenario(store: st.JobStore, make) -> None:
         await store.submit(record(), 10)
         now = time.time()
         claimed = await store.claim(now)
@@ -91,7 +95,7 @@ def test_claim_progress_succeed_and_the_losers_of_races(run):
 
 
 def test_cancel_wins_over_a_later_success_and_requeue_refunds_or_records(run):
-    async def scenario(store: st.JobStore) -> None:
+    async def scenario(store: st.JobStore, make) -> None:
         now = time.time()
         for job_id in ("x", "y", "z"):
             await store.submit(record(job_id), 10)
@@ -111,7 +115,7 @@ def test_cancel_wins_over_a_later_success_and_requeue_refunds_or_records(run):
 
 
 def test_recover_requeues_or_fails_what_a_dead_process_left_running(run):
-    async def scenario(store: st.JobStore) -> None:
+    async def scenario(store: st.JobStore, make) -> None:
         now = time.time()
         await store.submit(record("once", webhook="https://hooks.example/x", events="job.failed"), 10)
         await store.submit(record("often", webhook="https://hooks.example/x", events="job.failed"), 10)
@@ -120,26 +124,38 @@ def test_recover_requeues_or_fails_what_a_dead_process_left_running(run):
         for _ in range(2):  # two more attempts of "often": three in all
             await store.requeue(often.id, now, not_before=now)
             often = await store.claim(now)
-        requeued, failed = await store.recover(max_attempts=3, ttl=60, now=now)
-        assert requeued == ["once"] and failed == ["often"]
-        assert (await store.get("often", now)).error_code == "UNAVAILABLE"
-        [delivery] = await store.deliveries("often", 5)  # the failure's webhook, in the same transaction
-        assert delivery.type == "job.failed" and delivery.state == st.PENDING
+        assert await store.recover(max_attempts=3, ttl=60, now=now) == ([], [])  # its own, alive: untouched
+        assert await store.renew(now) == 2
+        await store.close()  # the process that claimed them is gone
+
+        other = make()
+        await other.open()
+        try:
+            later = now + other.lease + 1  # past the lease, which nobody renewed
+            requeued, failed = await other.recover(max_attempts=3, ttl=60, now=later)
+            assert requeued == ["once"] and failed == ["often"]
+            assert (await other.get("often", later)).error_code == "UNAVAILABLE"
+            [delivery] = await other.deliveries("often", 5)  # the failure's webhook, in the same transaction
+            assert delivery.type == "job.failed" and delivery.state == st.PENDING
+            reclaimed = await other.claim(later)
+            assert reclaimed.id == "once" and reclaimed.attempts == 2 and reclaimed.lease_owner == other.owner
+        finally:
+            await other.close()
 
     run(scenario)
 
 
 def test_deliveries_are_leased_fenced_and_kept_until_done(run):
-    async def scenario(store: st.JobStore) -> None:
+    async def scenario(store: st.JobStore, make) -> None:
         now = time.time()
         await store.submit(record("w", webhook="https://hooks.example/x", events="job.progress,job.succeeded"), 10)
         await store.claim(now)
         await store.progress("w", 0, st.ChunkPayload(0, 10, b"p"), 10, now)
         await store.succeed("w", now, expire_time=now)  # expires at once
-        claimed = await store.claim_deliveries(10, lease=30)
-        assert [d.type for d in claimed] == ["job.progress", "job.succeeded"]
+        claimed = {d.type: d for d in await store.claim_deliveries(10, lease=30)}
+        assert set(claimed) == {"job.progress", "job.succeeded"}
         assert await store.claim_deliveries(10, lease=30) == []  # leased
-        progress, succeeded = claimed
+        progress, succeeded = claimed["job.progress"], claimed["job.succeeded"]
         assert await store.record_attempt(progress, st.DELIVERED, 200, None, now, now)
         assert not await store.record_attempt(progress, st.DELIVERED, 200, None, now, now)  # that lease is spent
         assert await store.expire(time.time() + 1) == 1

@@ -17,6 +17,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from compute.jobs import store as st
+from compute.jobs.sqlite_store import SqliteJobStore
 from compute.jobs.messages import webhook_body
 from compute.jobs.webhook_policy import DestinationRefused, DestinationUnresolved, WebhookPolicy, parse_allow_entry
 from compute.jobs.webhook_signing import parse_secret
@@ -120,7 +121,7 @@ def test_the_address_is_checked_again_at_connect_time(tmp_path):
     policy = WebhookPolicy(["hooks.test"], allow_http=True, resolver=resolver(answers))
 
     async def scenario() -> tuple[list[st.Delivery], list[st.Delivery]]:
-        store = st.SqliteJobStore(tmp_path / "jobs.sqlite3", max_bytes=1 << 24, webhook_body=webhook_body)
+        store = SqliteJobStore(tmp_path / "jobs.sqlite3", max_bytes=1 << 24, webhook_body=webhook_body)
         await store.open()
         sender = WebhookSender(store, policy, [parse_secret(SECRET)], Backoff(3, 0.1, 0.2), timeout=2, concurrency=2)
         sender.start()
