@@ -6,7 +6,11 @@ Everything about the transport lives here and in `offload.client`, so routes nev
 - deadlines: the route's default, or the client's `X-Request-Timeout`, clamped;
 - fail fast: while compute is down a call fails with UNAVAILABLE at once (no wait_for_ready),
   and the channel reconnects by itself with a capped backoff;
-- retries: the methods of GET routes are retried on UNAVAILABLE within their deadline.
+- retries: the methods of GET routes are retried on UNAVAILABLE within their deadline;
+- replicas: `round_robin` over every address of the target (`ipv4:a:p1,b:p2`, `dns:///name:port`),
+  Dispatch RPCs included, with client-side health checking: a replica whose health says
+  NOT_SERVING (draining, pool rebuilding) gets no new calls, a dead one none once its
+  connection broke. Not for a target that names one server (see `names_one_server`).
 
 Precondition: `start()` once, inside the worker's running loop (the lifespan): gRPC channels
 must never be created at import time or before a fork.
@@ -15,6 +19,7 @@ must never be created at import time or before a fork.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +55,28 @@ def idempotent_methods(routes: list[Route]) -> set[str]:
     """gRPC paths only ever bound by GET: a method also bound by a POST may not be idempotent."""
     unsafe = {r.full_method for r in routes if not r.idempotent}
     return {r.full_method for r in routes if r.idempotent and r.full_method not in unsafe}
+
+
+def names_one_server(target: str) -> bool:
+    """True for a unix socket or one IP address; False for an address list or a name (DNS may
+    answer several records).
+
+    Client-side health checking is for replicas: it sends calls to the others while one says
+    NOT_SERVING. With a single compute there is no other; it would only turn compute's NOT_SERVING
+    moments into failures here, where compute itself still answers its light calls (GetItem during
+    a pool rebuild, ~0.1 s after a worker crash, longer with the crash backoff).
+    """
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("ipv4:", "ipv6:", "dns:///"):
+        target = target.removeprefix(scheme)
+    if "," in target:
+        return False
+    try:
+        ipaddress.ip_address(target.rsplit(":", 1)[0].strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def channel_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
@@ -95,6 +122,8 @@ class ComputeClient:
             batch_max_bytes=s.batch_max_bytes,
             max_message_bytes=s.max_message_bytes,
             observer=observer,
+            # compute as a whole ("": it sets every service alike), when there may be replicas
+            health_check_service=None if names_one_server(s.compute_address) else "",
         )
         self._unary: dict[str, UnaryMethod] = {}
         self._streams: dict[str, Any] = {}

@@ -158,13 +158,18 @@ class UnaryMethod:
             raise
 
 
-def service_config(idempotent_methods: Iterable[str], max_attempts: int) -> str:
-    """gRPC service config: plain calls of idempotent methods are retried on UNAVAILABLE."""
+def service_config(idempotent_methods: Iterable[str], max_attempts: int, health_check_service: str | None = None) -> str:
+    """gRPC service config: plain calls of idempotent methods are retried on UNAVAILABLE; with a
+    `health_check_service` ("" = the server as a whole), client-side health checking (gRPC A17):
+    each connection watches `grpc.health.v1.Health/Watch`, and the `round_robin` policy sends
+    nothing to a server that answers NOT_SERVING (the default `pick_first` ignores it)."""
     names = []
     for path in sorted(set(idempotent_methods)):
         service, _, method = path.strip("/").partition("/")
         names.append({"service": service, "method": method})
     config: dict[str, Any] = {"methodConfig": []}
+    if health_check_service is not None:
+        config["healthCheckConfig"] = {"serviceName": health_check_service}
     if names and max_attempts > 1:
         config["methodConfig"].append(
             {
@@ -206,6 +211,14 @@ class ComputeChannel:
     wait for others (0: only the calls of the same loop iteration). `batching=False` sends every
     call plain. `api_key`: sent as `authorization: Bearer <key>` on every call, for a compute
     that requires one (compute/auth.py).
+
+    Replicas: a target with several addresses ("ipv4:127.0.0.1:50051,127.0.0.1:50052", or a
+    `dns:///` name with several records) plus `options=[("grpc.lb_policy_name", "round_robin")]`
+    spreads calls, Dispatch RPCs included, over every replica. `health_check_service` ("", the
+    default: compute as a whole; None: off) then keeps calls off a replica whose health says
+    NOT_SERVING (draining, pool rebuilding, loop stalled); a dead one is dropped when its
+    connection breaks. When none serves, calls fail at once with UNAVAILABLE. With the default
+    `pick_first` policy the health check is ignored.
     """
 
     def __init__(
@@ -223,6 +236,7 @@ class ComputeChannel:
         batch_max_bytes: int = 1 << 20,
         max_message_bytes: int = 4 << 20,
         observer: BatchObserver | None = None,
+        health_check_service: str | None = "",
     ) -> None:
         self.target = target
         self._credentials = credentials
@@ -236,7 +250,7 @@ class ComputeChannel:
         self._max_message_bytes = max_message_bytes
         self._observer = observer
         self._options = [
-            ("grpc.service_config", service_config(self._idempotent, retry_max_attempts)),
+            ("grpc.service_config", service_config(self._idempotent, retry_max_attempts, health_check_service)),
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
