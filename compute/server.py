@@ -87,6 +87,8 @@ class ComputeServer:
         self.bound_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None  # health only, plaintext (health_address)
+        self.health_port: int | None = None
         self._health = health.aio.HealthServicer()
         self._calls: CallPath | None = None
         self._metrics_httpd = None
@@ -173,6 +175,7 @@ class ComputeServer:
                 "address": settings.address,
                 "port": self.bound_port,
                 "metrics_port": self.metrics_port,
+                "health_port": self.health_port,
                 "services": calls.service_names(),
                 "pool_workers": self.pool.worker_pids(),
                 "startup_seconds": round(time.perf_counter() - started, 3),
@@ -214,6 +217,8 @@ class ComputeServer:
         if self._server is not None:
             # New calls are refused at once; in-flight calls get `grace` seconds.
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.jobs is not None:
             await self.jobs.stop()  # before the pool: running chunks are stopped, their jobs requeued
         if self.pool is not None:
@@ -264,6 +269,13 @@ class ComputeServer:
             self.bound_port = self._server.add_insecure_port(settings.address)
         await self._set_health(NOT_SERVING)
         await self._server.start()
+        if settings.health_address:
+            # grpc.health.v1 alone, without TLS: what Kubernetes' native gRPC probe can dial
+            # (it speaks no TLS). It tells SERVING or NOT_SERVING and nothing else.
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(settings.health_address)
+            await self._health_server.start()
 
     def _start_metrics_http(self) -> None:
         if self.settings.metrics_port < 0:

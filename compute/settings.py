@@ -36,6 +36,9 @@ class ComputeSettings(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS")
     tls_key_file: Path | None = Field(None, description="Server private key (PEM)")
     tls_client_ca_file: Path | None = Field(None, description="CA for client certificates; enables mTLS")
+    health_address: str | None = Field(
+        None, description="Also serve grpc.health.v1 alone, without TLS, here (host:port): for Kubernetes' native gRPC probes"
+    )
     metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics listen host")
     metrics_port: int = Field(9101, ge=-1, le=65535, description="Prometheus /metrics port (0 = any free port, -1 = off)")
     max_message_bytes: int = Field(4 * 1024 * 1024, description="Largest gRPC message accepted or sent")

@@ -61,7 +61,7 @@ def container(workload: dict) -> dict:
 
 
 def k8s_env(workload: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(workload)["env"]}
+    return {e["name"]: e["value"] for e in container(workload)["env"] if "value" in e}  # not those from secrets
 
 
 def table_bytes(env: dict[str, str]) -> int:
@@ -178,15 +178,28 @@ def test_k8s_grace_periods_cover_the_drain():
         assert budget > int(pre_stop[1]) + grace, f"{component}: {budget}s for preStop {pre_stop[1]}s + {variable}"
 
 
-def test_k8s_compute_probes_cover_start_up_readiness_and_liveness():
-    probes = container(k8s_find("StatefulSet", "compute"))
+def test_k8s_compute_probes_are_native_grpc_on_the_health_port():
+    compute = k8s_find("StatefulSet", "compute")
+    probes = container(compute)
+    health_port = int(k8s_env(compute)["OFFLOAD_COMPUTE_HEALTH_ADDRESS"].rsplit(":", 1)[1])
     for name in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert probes[name]["exec"]["command"][:2] == ["python", "-c"], name
+        assert probes[name]["grpc"]["port"] == health_port, name  # the kubelet's own gRPC probe
+    assert {"name": "health", "containerPort": health_port} in probes["ports"]
     startup = probes["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "room to build or load the table"
-    assert probes["readinessProbe"]["exec"]["command"][-1] == "ready"
-    assert probes["startupProbe"]["exec"]["command"][-1] == "ready"
-    assert probes["livenessProbe"]["exec"]["command"][-1] != "ready", "liveness: any answer, NOT_SERVING included"
+    liveness = probes["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, "a pool rebuild is no reason to restart"
+
+
+def test_replicas_share_the_postgresql_job_store():
+    compute = k8s_find("StatefulSet", "compute")
+    url = next(e for e in container(compute)["env"] if e["name"] == "OFFLOAD_COMPUTE_JOBS_DATABASE_URL")
+    assert url["valueFrom"]["secretKeyRef"]["key"] == "url"  # a password: never in the manifest
+    service = compose()["services"]["compute"]
+    assert service["deploy"]["replicas"] == 2 and service["env_file"] == ["../var/secrets/jobs_db.env"]
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    recipe = (DEPLOY / "compose.yaml").read_text()
+    assert "OFFLOAD_COMPUTE_JOBS_DATABASE_URL=postgresql://offload:$(cat postgres_password)@postgres:5432/offload" in recipe
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
@@ -317,11 +330,8 @@ def free_port() -> int:
 
 
 def health_commands(ca: Path) -> dict[str, list[str]]:
-    """compose's compute healthcheck and the compute probes, run here: this Python, the test CA."""
+    """compose's compute healthcheck, run here: this Python, the test CA."""
     commands = {"compose healthcheck": compose()["services"]["compute"]["healthcheck"]["test"][1:]}
-    probes = container(k8s_find("StatefulSet", "compute"))
-    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
-        commands[f"k8s {name}"] = probes[name]["exec"]["command"]
     for name, command in commands.items():
         assert command[0] == "python", name
         code = command[2]
@@ -338,9 +348,10 @@ def test_tls_recipe_and_health_checks_work_against_compute(compute_factory, tmp_
     subprocess.run(shlex.split(recipe), cwd=tmp_path, check=True, capture_output=True, timeout=60)
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
 
-    port = free_port()
+    port, health_port = free_port(), free_port()
     compute = compute_factory(
-        start=False, address=f"127.0.0.1:{port}", tls_cert_file=cert, tls_key_file=key, pool_size=1, rows=2000, dim=16
+        start=False, address=f"127.0.0.1:{port}", tls_cert_file=cert, tls_key_file=key, pool_size=1, rows=2000, dim=16,
+        health_address=f"127.0.0.1:{health_port}",
     ).start(wait=False)
     commands = health_commands(ca=cert)
 
@@ -349,7 +360,18 @@ def test_tls_recipe_and_health_checks_work_against_compute(compute_factory, tmp_
             raise AssertionError(f"compute exited with {compute.proc.returncode}:\n{compute.log_text()[-3000:]}")
         return subprocess.run(commands[name], env=compute.env, capture_output=True, timeout=30).returncode
 
-    wait_until(lambda: probe("k8s readinessProbe") == 0, 60, 0.1, "the readiness probe to pass")
+    def kubelet_probe() -> bool:
+        """What the kubelet's gRPC probe does: grpc.health.v1 Check, plaintext, on the health port."""
+        if compute.proc.poll() is not None:
+            raise AssertionError(f"compute exited with {compute.proc.returncode}:\n{compute.log_text()[-3000:]}")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    wait_until(kubelet_probe, 60, 0.1, "the k8s gRPC probe to pass")
     failed = {name: subprocess.run(c, env=compute.env, capture_output=True, text=True, timeout=30) for name, c in commands.items()}
     failed = {name: r.stderr[-1000:] for name, r in failed.items() if r.returncode != 0}
     assert not failed, failed

@@ -121,3 +121,34 @@ def test_modules_of_heavy_operations_stay_light(module):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", f"{module} imports {result.stdout.strip()}"
+
+
+def test_a_plaintext_health_only_port_for_kubernetes_probes(compute_factory):
+    """OFFLOAD_COMPUTE_HEALTH_ADDRESS: grpc.health.v1 alone, without TLS (what the kubelet's
+    gRPC probe dials), following the main server's status; nothing else is served there."""
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from offload.v1 import compute_pb2, compute_pb2_grpc
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    compute = compute_factory(health_address=f"127.0.0.1:{port}")
+    [ready] = [r for r in compute.log_records() if r.get("msg") == "compute ready"]
+    assert ready["health_port"] == port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        assert check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            compute_pb2_grpc.ComputeServiceStub(channel).GetItem(compute_pb2.GetItemRequest(id="item-1"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        compute.signal(15)  # SIGTERM: draining is NOT_SERVING on this port too, before it closes
+        def not_serving() -> bool:
+            try:
+                return check(health_pb2.HealthCheckRequest(service=""), timeout=1).status != health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return True
+        wait_until(not_serving, 10, 0.02, "NOT_SERVING (or gone) after SIGTERM")
