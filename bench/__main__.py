@@ -21,7 +21,7 @@ from bench.procs import BLAS_ENV
 
 os.environ.update(BLAS_ENV)  # before numpy: the in-process reference scans single-threaded too
 
-from bench import designs, report, scenarios, streams  # noqa: E402
+from bench import designs, job_stores, report, scenarios, streams  # noqa: E402
 from bench.designs import Table  # noqa: E402
 from bench.otlp_sink import OtlpSink  # noqa: E402
 from bench.scenarios import Bench, Profile  # noqa: E402
@@ -36,7 +36,7 @@ def profiles() -> dict[str, Profile]:
             concurrency=[1], concurrency_duration=0.6, inproc_queries=10, start_timeout=60.0,
             jobs_queries=64, jobs_fairness_seconds=0.5, search_clients=4,
             hop_levels=[1, 4], hop_warmup=0.1, hop_duration=0.4, open_rate=200.0,
-            stream_messages=500, stream_reps=1,
+            stream_messages=500, stream_reps=1, store_jobs=20,
         ),
         "quick": Profile(
             name="quick", load_table=Table(524_288, 128), reps=2, warmup=0.3, duration=1.2, drain=1.5, timeout=5.0,
@@ -157,6 +157,12 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
     except Exception as exc:
         log(f"ERROR in streams: {exc}")
         results["errors"].append({"design": "streams", "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
+    try:
+        log("job stores: small jobs/s on SQLite vs PostgreSQL")
+        results["job_stores"] = job_stores.measure(logdir, profile.store_jobs, log)
+    except Exception as exc:
+        log(f"ERROR in job stores: {exc}")
+        results["errors"].append({"design": "job-stores", "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
     try:
         scenarios.memory_sweep(bench)
     except Exception as exc:

@@ -621,6 +621,24 @@ def _hop_section(results: dict) -> list[str]:
     return L
 
 
+def _job_stores_section(stores: dict | None) -> list[str]:
+    if not stores:
+        return []
+    L = ["## Job stores (SQLite vs PostgreSQL)", ""]
+    L.append(f"{stores['jobs']} one-query jobs submitted at once to one compute (pool 2, 4 jobs at a time), per "
+             "backend: jobs/s from the first submit to the last SUCCEEDED. PostgreSQL is a local throwaway server "
+             "(fsync off), so this compares the stores' own costs (bench/job_stores.py).")
+    L.append("")
+    L.append("| store | jobs/s | submit p50 ms | submit p99 ms |")
+    L.append("|---|---|---|---|")
+    for name in ("sqlite", "postgres"):
+        row = stores.get(name)
+        if row:
+            L.append(f"| {name} | {fmt(row['jobs_per_s'], 0)} | {fmt(row['submit_p50_ms'], 1)} | {fmt(row['submit_p99_ms'], 1)} |")
+    L.append("")
+    return L
+
+
 def _streams_section(streams: dict | None) -> list[str]:
     if not streams:
         return []
@@ -767,6 +785,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
     L.extend(_light_during_section(results.get("light_during_searches", {})))
     L.extend(_jobs_section(results.get("jobs", {})))
     L.extend(_streams_section(results.get("streams")))
+    L.extend(_job_stores_section(results.get("job_stores")))
     if chart_files:
         L.append("## Charts")
         L.append("")

@@ -55,6 +55,7 @@ class Profile:
     jobs_fairness_factor: int = 4  # the big job of the fairness check: factor x N queries
     stream_messages: int = 20_000  # server-streaming messages/s through one gateway worker (bench/streams.py)
     stream_reps: int = 3
+    store_jobs: int = 200  # small jobs submitted at once, per job store backend (bench/job_stores.py)
 
 
 @dataclass

@@ -159,3 +159,11 @@ def test_streams_measured(smoke_run) -> None:
     for transport in ("websocket", "sse", "grpc-direct"):
         assert streams[transport]["messages_per_s"] > 0, transport
     assert "## Streams (one gateway worker)" in (out / "report.md").read_text()
+
+
+def test_job_stores_measured(smoke_run) -> None:
+    """Small jobs/s on SQLite and on a real PostgreSQL, in the same run."""
+    out, _ = smoke_run
+    stores = json.loads((out / "results.json").read_text())["job_stores"]
+    assert stores["sqlite"]["jobs_per_s"] > 0 and stores["postgres"]["jobs_per_s"] > 0
+    assert "## Job stores (SQLite vs PostgreSQL)" in (out / "report.md").read_text()
