@@ -27,9 +27,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from compute.jobs.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED
+from compute.jobs.states import STATES
 from compute.jobs.store import (
-    _ATTEMPT_REFUNDED, COLUMNS, PENDING_DELIVERY_MAX_AGE, UPDATABLE, ChunkPayload, Delivery, JobRecord, JobStore,
+    COLUMNS, PENDING_DELIVERY_MAX_AGE, ChunkPayload, Delivery, JobRecord, TransitionStore,
     StoreUnavailable, WebhookBody, delivery_from, delivery_id, record_from,
 )
 
@@ -98,7 +98,7 @@ MIGRATIONS = (
 )
 
 
-class PostgresJobStore(JobStore):
+class PostgresJobStore(TransitionStore):
     """`open()` once, `close()` once (idempotent). Many replicas may share one database."""
 
     def __init__(self, url: str, *, webhook_body: WebhookBody | None = None, lease: float = 30.0, pool_size: int = 8) -> None:
@@ -266,36 +266,10 @@ class PostgresJobStore(JobStore):
                 )
             return await self._changed(cur, row, now, progress=True)
 
-    async def succeed(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
-        return await self._transition(
-            job_id, (RUNNING,), SUCCEEDED, now, end_time=now, expire_time=expire_time, error_code=None, error_message=None
-        )
-
-    async def fail(self, job_id: str, now: float, code: str, message: str, expire_time: float) -> JobRecord | None:
-        return await self._transition(
-            job_id, (RUNNING,), FAILED, now, end_time=now, expire_time=expire_time, error_code=code, error_message=message
-        )
-
-    async def cancel(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
-        return await self._transition(job_id, ACTIVE, CANCELLED, now, end_time=now, expire_time=expire_time)
-
-    async def requeue(
-        self, job_id: str, now: float, *, not_before: float, error: tuple[str, str] | None = None, refund_attempt: bool = False
-    ) -> JobRecord | None:
-        values: dict[str, Any] = {"not_before": not_before}
-        if error is not None:
-            values["error_code"], values["error_message"] = error
-        if refund_attempt:
-            values["attempts"] = _ATTEMPT_REFUNDED
-        return await self._transition(job_id, (RUNNING,), QUEUED, now, **values)
-
-    async def _transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
-        unknown = set(values) - UPDATABLE
-        if unknown or state not in STATES:
-            raise ValueError(f"cannot set {sorted(unknown) or state}")
-        refund = values.pop("attempts", None) is _ATTEMPT_REFUNDED
+    async def _transition(self, job_id: str, expect: tuple[str, ...], state: str, now: float, values: dict[str, Any],
+                          refund_attempt: bool) -> JobRecord | None:
         assignments = "".join(f", {name} = %({name})s" for name in values)
-        if refund:
+        if refund_attempt:
             assignments += ", attempts = GREATEST(attempts - 1, 0)"
         async with self._transaction() as cur:
             await cur.execute(

@@ -17,11 +17,11 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, TypeVar
 
-from compute.jobs.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED
+from compute.jobs.states import STATES
 from compute.jobs.store import (
-    _ATTEMPT_REFUNDED, COLUMNS, PENDING_DELIVERY_MAX_AGE, UPDATABLE, ChunkPayload, Delivery, JobRecord, JobStore,
+    COLUMNS, PENDING_DELIVERY_MAX_AGE, ChunkPayload, Delivery, JobRecord, TransitionStore,
     StoreUnavailable, WebhookBody, delivery_from, delivery_id, record_from,
 )
 
@@ -123,7 +123,7 @@ def _as_unavailable(exc: sqlite3.Error) -> StoreUnavailable | None:
     return None if reason is None else StoreUnavailable(f"{reason}; no job changes are accepted for now, reads still work")
 
 
-class SqliteJobStore(JobStore):
+class SqliteJobStore(TransitionStore):
     """SQLite in WAL mode. `open()` once, `close()` once (idempotent). Single process owner."""
 
     def __init__(
@@ -271,37 +271,10 @@ class SqliteJobStore(JobStore):
 
         return await self._call(run)
 
-    async def succeed(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
-        return await self._transition(
-            job_id, (RUNNING,), SUCCEEDED, now, end_time=now, expire_time=expire_time, error_code=None, error_message=None
-        )
-
-    async def fail(self, job_id: str, now: float, code: str, message: str, expire_time: float) -> JobRecord | None:
-        return await self._transition(
-            job_id, (RUNNING,), FAILED, now, end_time=now, expire_time=expire_time, error_code=code, error_message=message
-        )
-
-    async def cancel(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
-        return await self._transition(job_id, ACTIVE, CANCELLED, now, end_time=now, expire_time=expire_time)
-
-    async def requeue(
-        self, job_id: str, now: float, *, not_before: float, error: tuple[str, str] | None = None, refund_attempt: bool = False
-    ) -> JobRecord | None:
-        values: dict[str, Any] = {"not_before": not_before}
-        if error is not None:
-            values["error_code"], values["error_message"] = error
-        if refund_attempt:
-            values["attempts"] = _ATTEMPT_REFUNDED
-        return await self._transition(job_id, (RUNNING,), QUEUED, now, **values)
-
-    async def _transition(self, job_id: str, expect: Iterable[str], state: str, now: float, **values: Any) -> JobRecord | None:
-        """Set `state` (and `values`) only if the job is in one of `expect`; the new row, or None."""
-        unknown = set(values) - UPDATABLE
-        if unknown or state not in STATES:
-            raise ValueError(f"cannot set {sorted(unknown) or state}")
-        expect = tuple(expect)
-        refund = values.pop("attempts", None) is _ATTEMPT_REFUNDED
-        assignments = "".join(f", {name} = ?" for name in values) + (", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END" if refund else "")
+    async def _transition(self, job_id: str, expect: tuple[str, ...], state: str, now: float, values: dict[str, Any],
+                          refund_attempt: bool) -> JobRecord | None:
+        refund = ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END" if refund_attempt else ""
+        assignments = "".join(f", {name} = ?" for name in values) + refund
         sql = (
             f"UPDATE jobs SET state = ?, update_time = ?, sequence = sequence + 1{assignments}"
             f" WHERE id = ? AND state IN ({', '.join('?' for _ in expect)}) RETURNING *"

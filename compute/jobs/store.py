@@ -87,7 +87,6 @@ class JobRecord:
 
 COLUMNS = tuple(f.name for f in fields(JobRecord))
 COLUMN_SET = frozenset(COLUMNS)
-_ATTEMPT_REFUNDED = object()  # `attempts` given this: one less, in SQL (the row may have moved on)
 # What `_transition` may set (besides state, update_time and sequence, always set).
 UPDATABLE = frozenset(
     {"attempts", "done", "error_code", "error_message", "start_time", "end_time", "expire_time", "not_before"}
@@ -258,3 +257,41 @@ def record_from(row: Any) -> JobRecord:
 
 def delivery_from(row: Any) -> Delivery:
     return Delivery(**{name: row[name] for name in DELIVERY_COLUMNS})
+
+
+class TransitionStore(JobStore):
+    """The state changes every backend makes alike: each is one conditional UPDATE, which a
+    backend writes once, in `_transition`."""
+
+    async def succeed(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
+        return await self._checked(job_id, (RUNNING,), SUCCEEDED, now,
+                                   {"end_time": now, "expire_time": expire_time, "error_code": None, "error_message": None})
+
+    async def fail(self, job_id: str, now: float, code: str, message: str, expire_time: float) -> JobRecord | None:
+        return await self._checked(job_id, (RUNNING,), FAILED, now,
+                                   {"end_time": now, "expire_time": expire_time, "error_code": code, "error_message": message})
+
+    async def cancel(self, job_id: str, now: float, expire_time: float) -> JobRecord | None:
+        return await self._checked(job_id, ACTIVE, CANCELLED, now, {"end_time": now, "expire_time": expire_time})
+
+    async def requeue(
+        self, job_id: str, now: float, *, not_before: float, error: tuple[str, str] | None = None, refund_attempt: bool = False
+    ) -> JobRecord | None:
+        values: dict[str, Any] = {"not_before": not_before}
+        if error is not None:
+            values["error_code"], values["error_message"] = error
+        return await self._checked(job_id, (RUNNING,), QUEUED, now, values, refund_attempt)
+
+    async def _checked(self, job_id: str, expect: tuple[str, ...], state: str, now: float, values: dict[str, Any],
+                       refund_attempt: bool = False) -> JobRecord | None:
+        unknown = set(values) - UPDATABLE
+        if unknown or state not in STATES:
+            raise ValueError(f"cannot set {sorted(unknown) or state}")
+        return await self._transition(job_id, expect, state, now, values, refund_attempt)
+
+    @abc.abstractmethod
+    async def _transition(self, job_id: str, expect: tuple[str, ...], state: str, now: float, values: dict[str, Any],
+                          refund_attempt: bool) -> JobRecord | None:
+        """Set `state` and `values` (and, with `refund_attempt`, one attempt less) only if the
+        job is in one of `expect`, in one conditional UPDATE; the new row, or None. The change's
+        side effects (webhook outbox, notifications) go in the same transaction."""

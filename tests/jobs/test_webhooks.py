@@ -5,7 +5,6 @@ traffic off this machine: the refused destinations are refused before any connec
 from __future__ import annotations
 
 import base64
-import json
 import os
 
 import grpc
