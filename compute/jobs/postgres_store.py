@@ -4,8 +4,8 @@ what every store does). Chosen by `OFFLOAD_COMPUTE_JOBS_DATABASE_URL`.
 - Claims take `FOR UPDATE SKIP LOCKED`: replicas claim different jobs without waiting on
   each other. A claim leases the job to the claiming replica; it renews its leases while it
   runs them, and any replica requeues a job whose lease expired (its replica died).
-- Every change to a job sends `NOTIFY offload_jobs, '<job id>'` in its own transaction, so
-  each replica learns at commit what the others did: WatchJob streams on any replica see
+- Every change to a job sends `NOTIFY offload_jobs, '<job id> <replica>'` in its own
+  transaction, so each replica learns at commit what the others did (and skips its own): WatchJob streams on any replica see
   progress made on another, and a cancel made on any replica reaches the one running the job.
 - Idempotency keys are a UNIQUE column: two replicas given the same key make one job.
 - The schema is versioned (`offload_schema`); migrations run under an advisory lock, so
@@ -152,8 +152,11 @@ class PostgresJobStore(TransitionStore):
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     async for note in conn.notifies():
+                        job_id, _, writer = note.payload.partition(" ")
+                        if writer == self.owner:
+                            continue  # this replica's own change: it told its watchers already
                         for callback in self._callbacks:
-                            callback(note.payload)
+                            callback(job_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -182,7 +185,7 @@ class PostgresJobStore(TransitionStore):
         if row is None:
             return None
         record = record_from(row)
-        await cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, record.id))
+        await cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{record.id} {self.owner}"))
         event = None if self._webhook_body is None else record.webhook_event(progress)
         if event is not None:
             await cur.execute(
