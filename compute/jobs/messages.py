@@ -77,7 +77,6 @@ def webhook_body(record: st.JobRecord, event: str, now: float) -> bytes:
 
     json_format is slow (pure Python) but this runs in the job store's thread, once per event.
     """
-    data = json_format.MessageToDict(to_proto(record), preserving_proto_field_name=False)
-    data.get("webhook", {}).pop("deliveries", None)
+    data = json_format.MessageToDict(to_proto(record))  # no deliveries: they are given to GetJob only
     stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return orjson.dumps({"type": event, "timestamp": stamp, "data": data})

@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from compute.jobs.states import STATES
 from compute.jobs.store import (
     COLUMNS, PENDING_DELIVERY_MAX_AGE, ChunkPayload, Delivery, JobRecord, TransitionStore,
-    StoreUnavailable, WebhookBody, delivery_from, delivery_id, record_from,
+    StoreUnavailable, WebhookBody, delivery_from, delivery_id, list_query, record_from,
 )
 
 log = logging.getLogger("compute.jobs.store")
@@ -301,16 +301,9 @@ class PostgresJobStore(TransitionStore):
         return None if row is None else record_from(row)
 
     async def list(self, state: str | None, limit: int, after: tuple[float, str] | None, now: float) -> list[JobRecord]:
-        where, params = ["(expire_time IS NULL OR expire_time > %s)"], [now]
-        if state is not None:
-            where.append("state = %s")
-            params.append(state)
-        if after is not None:
-            where.append("(create_time < %s OR (create_time = %s AND id < %s))")
-            params.extend((after[0], after[0], after[1]))
-        params.append(limit)
+        sql, params = list_query(state, limit, after, now, "%s")
         async with self._transaction() as cur:
-            await cur.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY create_time DESC, id DESC LIMIT %s", params)
+            await cur.execute(sql, params)
             return [record_from(row) for row in await cur.fetchall()]
 
     async def expire(self, now: float) -> int:

@@ -70,7 +70,6 @@ class JobService:
         self.ttl = settings.jobs_ttl_seconds
         self._concurrency = settings.jobs_concurrency
         self._chunks_in_flight = settings.jobs_chunks_in_flight or settings.pool_size
-        self._max_attempts = settings.jobs_max_attempts
         self._backoff = Backoff(settings.jobs_max_attempts, settings.jobs_backoff_base_seconds, settings.jobs_backoff_max_seconds)
         self._sweep_interval = settings.jobs_sweep_interval_seconds
         self._max_queued = settings.jobs_max_queued
@@ -133,7 +132,7 @@ class JobService:
         self._started = True
         await self.store.open()
         try:
-            requeued, failed = await self.store.recover(self._max_attempts, self.ttl, time.time())
+            requeued, failed = await self.store.recover(self._backoff.max_attempts, self.ttl, time.time())
             if requeued or failed:
                 log.warning("recovered interrupted jobs", extra={"requeued": requeued, "failed": failed})
         except st.StoreUnavailable as exc:
@@ -398,7 +397,7 @@ class JobService:
             await asyncio.sleep(self.store.lease / 3)
             try:
                 await self.store.renew(time.time())
-                requeued, failed = await self.store.recover(self._max_attempts, self.ttl, time.time())
+                requeued, failed = await self.store.recover(self._backoff.max_attempts, self.ttl, time.time())
                 if requeued or failed:
                     log.warning("reclaimed the jobs of a compute that is gone", extra={"requeued": requeued, "failed": failed})
                     self._wake.set()

@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 from compute.jobs.states import STATES
 from compute.jobs.store import (
     COLUMNS, PENDING_DELIVERY_MAX_AGE, ChunkPayload, Delivery, JobRecord, TransitionStore,
-    StoreUnavailable, WebhookBody, delivery_from, delivery_id, record_from,
+    StoreUnavailable, WebhookBody, delivery_from, delivery_id, list_query, record_from,
 )
 
 log = logging.getLogger("compute.jobs.store")
@@ -332,15 +332,7 @@ class SqliteJobStore(TransitionStore):
         return await self._call(run)
 
     async def list(self, state: str | None, limit: int, after: tuple[float, str] | None, now: float) -> list[JobRecord]:
-        where, params = ["(expire_time IS NULL OR expire_time > ?)"], [now]
-        if state is not None:
-            where.append("state = ?")
-            params.append(state)
-        if after is not None:
-            where.append("(create_time < ? OR (create_time = ? AND id < ?))")
-            params.extend((after[0], after[0], after[1]))
-        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY create_time DESC, id DESC LIMIT ?"
-        params.append(limit)
+        sql, params = list_query(state, limit, after, now, "?")
 
         def run() -> list[JobRecord]:
             return [_record(row) for row in self._conn.execute(sql, params)]

@@ -248,6 +248,19 @@ def delivery_id(record: JobRecord) -> str:
     return f"msg_{record.id}_{record.sequence}"
 
 
+def list_query(state: str | None, limit: int, after: tuple[float, str] | None, now: float, mark: str) -> tuple[str, list[Any]]:
+    """The SQL and parameters of `JobStore.list`, with `mark` as the backend's placeholder."""
+    where, params = [f"(expire_time IS NULL OR expire_time > {mark})"], [now]
+    if state is not None:
+        where.append(f"state = {mark}")
+        params.append(state)
+    if after is not None:
+        where.append(f"(create_time < {mark} OR (create_time = {mark} AND id < {mark}))")
+        params.extend((after[0], after[0], after[1]))
+    params.append(limit)
+    return f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY create_time DESC, id DESC LIMIT {mark}", params
+
+
 def record_from(row: Any) -> JobRecord:
     """A JobRecord from a row that maps column names to values (any backend). A row from an
     older schema may lack the newer columns: their defaults stand."""

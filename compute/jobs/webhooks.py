@@ -60,7 +60,6 @@ class WebhookSender:
         self._in_flight: set[str] = set()  # delivery ids being attempted: never claimed twice at once
         self._loop_task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
-        self.sent = {"delivered": 0, "failed": 0, "refused": 0}
 
     def start(self) -> None:
         if self._loop_task is not None:
@@ -130,13 +129,11 @@ class WebhookSender:
         attempts = delivery.attempts + 1
         now = time.time()
         if 200 <= status < 300:
-            state, next_attempt, outcome = st.DELIVERED, now, "delivered"
+            state, next_attempt = st.DELIVERED, now
         else:
             delay = None if refused else self.retry.delay(attempts)
             state = st.PENDING if delay is not None else st.GAVE_UP
             next_attempt = now + (delay or 0.0)
-            outcome = "refused" if refused else "failed"
-        self.sent[outcome] += 1
         extra = {"job_id": delivery.job_id, "webhook_id": delivery.id, "type": delivery.type, "attempt": attempts}
         if state == st.DELIVERED:
             log.info("webhook delivered", extra={**extra, "status": status, "seconds_after_event": round(now - delivery.create_time, 3)})
