@@ -102,7 +102,10 @@ class CallPath:
         for op in operations.values():
             bound = bind(op, metrics)
             self.by_path[bound.path] = bound
-        self._runtime: Runtime | None = None
+        self._live: Runtime | None = None  # streaming operations read the table served now
+        self._runtime: Runtime | None = None  # a unary call keeps the snapshot it started with
+        # The table generation new calls run on, as sent in the trailer that names it.
+        self.generation = ""
         self._counters: dict[tuple[str, str], Any] = {}
         # Request ids of the calls being served, for the heartbeat's stall report.
         self.inflight: dict[int, str] = {}
@@ -110,8 +113,16 @@ class CallPath:
         self.ready = False
 
     def activate(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+        self._live = runtime
+        self.table_switched()
         self.ready = True
+
+    def table_switched(self) -> None:
+        """The live runtime has a new table: calls that start from now on use it. Calls in
+        flight keep the snapshot they captured; nothing else changes for them."""
+        assert self._live is not None
+        self._runtime = self._live.snapshot()
+        self.generation = str(self._live.table.spec.generation)
 
     def service_names(self) -> list[str]:
         return sorted({b.method.containing_service.full_name for b in self.by_path.values()})
@@ -148,7 +159,8 @@ class CallPath:
                 op.validate(request, runtime)
             merge = None if op.merge is None else (lambda partials: op.merge(request, partials, runtime))
             return await runtime.pool.run(
-                op.fn, request, ctx=served.ctx, deadline=deadline, batch=op.batch, merge=merge, name=bound.short_name
+                op.fn, request, ctx=served.ctx, deadline=deadline, batch=op.batch, merge=merge, name=bound.short_name,
+                generation=runtime.table.spec.generation,
             )
 
     async def stream(
@@ -159,7 +171,7 @@ class CallPath:
             self._admit(deadline)
             if bound.constrained:
                 constraints.check(request)
-            async for message in bound.op.fn(request, self._runtime):
+            async for message in bound.op.fn(request, self._live):
                 yield message
 
     # -- pieces ------------------------------------------------------------------------------

@@ -41,6 +41,12 @@ class AlreadyExists(ComputeError):
     code = "ALREADY_EXISTS"
 
 
+class Aborted(ComputeError):
+    """A conflict with another operation under way (e.g. a second table load): retry after it."""
+
+    code = "ABORTED"
+
+
 class Cancelled(ComputeError):
     code = "CANCELLED"
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from compute.jobs.store import STATES
+
+if TYPE_CHECKING:
+    from compute.tables import TableManager
 from compute.pool import PoolStats
 from offload.buckets import BATCH_BYTES_BUCKETS, BATCH_SIZE_BUCKETS, BATCH_WAIT_BUCKETS, LATENCY_BUCKETS
 
@@ -94,6 +97,40 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("offload_pool_queued", "Tasks waiting for a worker", value=stats.queued)
         yield GaugeMetricFamily("offload_pool_healthy", "1 when the pool serves, 0 while rebuilding", value=int(stats.healthy))
         yield GaugeMetricFamily("offload_pool_rebuilds", "Pool rebuilds after a worker died", value=stats.rebuilds)
+
+
+class TableCollector(Collector):
+    """The table generation serving, its source and load, read at scrape time (compute/tables.py)."""
+
+    def __init__(self, tables: Callable[[], "TableManager | None"]) -> None:
+        self._tables = tables
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        tables = self._tables()
+        if tables is None or tables.table is None:
+            return
+        status = tables.status()
+        spec = status.table.spec
+        info = GaugeMetricFamily(
+            "offload_compute_table_info", "The table serving now (value 1), its generation and source", labels=["generation", "source"]
+        )
+        info.add_metric([str(spec.generation), spec.source], 1)
+        yield info
+        yield GaugeMetricFamily("offload_compute_table_generation", "Generation of the table serving now", value=spec.generation)
+        yield GaugeMetricFamily(
+            "offload_compute_table_loaded_timestamp_seconds", "When the table serving now started serving", value=status.loaded_at
+        )
+        yield GaugeMetricFamily("offload_compute_table_load_seconds", "How long the table serving now took to load", value=status.load_seconds)
+        yield GaugeMetricFamily("offload_compute_table_loading", "1 while a LoadTable is under way", value=int(status.loading))
+        yield GaugeMetricFamily(
+            "offload_compute_table_retiring_generations",
+            "Old generations still finishing calls (their shared memory is not released yet)",
+            value=len(status.retiring),
+        )
+        loads = CounterMetricFamily("offload_compute_table_loads", "LoadTable calls that switched (ok) or not (failed)", labels=["outcome"])
+        for outcome, count in tables.loads.items():
+            loads.add_metric([outcome], count)
+        yield loads
 
 
 class JobsCollector(Collector):

@@ -6,18 +6,20 @@ Each is one function, marked @light (answered on the event loop: microseconds) o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compute.errors import InvalidArgument, NotFound
+from compute.errors import InvalidArgument, NotFound, Unavailable
 from compute.registry import heavy, light
 import numpy as np
 
 from compute.search import top_k, top_k_batch
-from compute.table import MAX_ID_BYTES, EmbeddingTable, normalised_query
+from compute.table import MAX_ID_BYTES, EmbeddingTable, TableSource, normalised_query
 from offload.v1 import compute_pb2, search_pb2
 
 if TYPE_CHECKING:  # pool workers import this module: keep settings, metrics and grpc out of them
     from compute.runtime import Runtime
+    from compute.tables import TableManager
     from compute.worker import BatchTask, TaskContext
 
 SERVICE = "offload.v1.ComputeService"
@@ -87,13 +89,40 @@ def _search_response(table: EmbeddingTable, hits: list[tuple[int, float]]) -> se
     return search_pb2.SearchResponse(hits=[search_pb2.SearchHit(id=table.id_at(row), score=score) for row, score in hits])
 
 
+def cache_stats(table: EmbeddingTable, tables: TableManager | None) -> compute_pb2.CacheStats:
+    stats = compute_pb2.CacheStats(
+        rows=table.rows, dim=table.dim, bytes=table.nbytes, generation=table.spec.generation, source=table.spec.source
+    )
+    if tables is not None and tables.table is table:
+        status = tables.status()
+        stats.loaded_at.FromNanoseconds(int(status.loaded_at * 1e9))
+        stats.load_seconds = status.load_seconds
+        stats.loading = status.loading
+        stats.last_load_error = status.last_error
+        stats.retiring_generations.extend(status.retiring)
+    return stats
+
+
+@light(f"{SERVICE}.LoadTable")
+async def load_table(request: compute_pb2.LoadTableRequest, runtime: Runtime) -> compute_pb2.LoadTableResponse:
+    """Admin: a new table, swapped in while serving (compute/tables.py)."""
+    if runtime.tables is None:
+        raise Unavailable("this compute cannot load tables")
+    if request.HasField("file"):
+        source = TableSource(Path(request.file.vectors_path), Path(request.file.ids_path) if request.file.ids_path else None)
+    else:
+        spec = request.synthetic
+        source = TableSource(rows=spec.rows, dim=spec.dim, seed=spec.seed)
+    previous = runtime.table.spec.generation
+    table = await runtime.tables.load(source, allow_dimension_change=request.allow_dimension_change)
+    return compute_pb2.LoadTableResponse(table=cache_stats(table, runtime.tables), previous_generation=previous)
+
+
 @light(f"{SERVICE}.GetStats")
 def get_stats(request: compute_pb2.GetStatsRequest, runtime: Runtime) -> compute_pb2.Stats:
-    table, pool, loop = runtime.table, runtime.pool.stats(), runtime.heartbeat.stats()
+    pool, loop = runtime.pool.stats(), runtime.heartbeat.stats()
     return compute_pb2.Stats(
-        cache=compute_pb2.CacheStats(
-            rows=table.rows, dim=table.dim, bytes=table.nbytes, generation=table.spec.generation, source=table.spec.source
-        ),
+        cache=cache_stats(runtime.table, runtime.tables),
         pool=compute_pb2.PoolStats(
             size=pool.size,
             busy=pool.busy,

@@ -16,12 +16,22 @@ has its own flag and deadline: a member that leaves gets its own error, the othe
 
 A segmented operation (batch + merge, e.g. Search) is one task per table segment; the
 call's per-segment results are merged on the loop once the last segment is in.
+
+Table generations (a table swap, compute/tables.py): each generation has its own workers,
+attached to its table in their initializer. `switch(spec)` starts the new generation's
+workers, then makes it the one new calls run on. A call runs on the generation it started
+on until it ends, segments included, and never shares a batch with a call of another one.
+The old generation is retired once no call runs on it any more: its executor finishes its
+running tasks, its workers exit, and then `on_retired(spec)` lets the table's owner unlink
+its segments. Workers move to the new table between tasks, never during one, because a
+worker never changes tables: it is replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +49,16 @@ from offload.context import RequestContext
 if TYPE_CHECKING:
     from offload.tracing import Tracing
 
-__all__ = ["HealingPool", "Lane", "PoolStats", "BatchingStats", "prepare"]
+__all__ = ["GenerationRetired", "HealingPool", "Lane", "PoolStats", "BatchingStats", "prepare"]
+
+log = logging.getLogger("compute.pool")
 
 NOT_STARTED = "the deadline passed while queued; the work was not started"
+
+
+class GenerationRetired(Unavailable):
+    """The call named a table generation that was replaced (and has no workers any more)."""
+
 PASSED_WHILE_RUNNING = "the deadline passed while the work was running"
 
 
@@ -81,6 +98,17 @@ class _NoObserver:
         pass
 
 
+@dataclass(eq=False, slots=True)
+class _Generation:
+    """One table generation's workers, and the calls that run on it."""
+
+    spec: TableSpec
+    segments: list[tuple[int, int]]
+    supervisor: ExecutorSupervisor
+    calls: int = 0  # pool calls started on it and not finished
+    retiring: bool = False
+
+
 class HealingPool:
     """`await start()` once, `await run(...)` many times, `await stop()` once (idempotent)."""
 
@@ -112,23 +140,35 @@ class HealingPool:
         self._scheduler = Scheduler(size=size, max_batch=max_batch, max_delay=max_batch_delay, jobs_yield_seconds=jobs_yield_seconds)
         # One flag per (slot, batch position): slot s's members use flags[s * max_batch + i].
         self._flags, self._flags_spec = shm.create(shm_dir, "control", np.uint8, (size * max_batch,))
-        self._supervisor = ExecutorSupervisor(
-            size=size,
-            initargs=(table_spec, self._flags_spec, nice, log_level, chunk_rows, log_format),
+        self._worker_args = (nice, log_level, chunk_rows, log_format)
+        self._healing = (backoff, backoff_max, backoff_reset)
+        self._scan_segments, self._chunk_rows = scan_segments, chunk_rows
+        self._current = self._generation(table_spec)
+        # Every generation with workers: the current one, and old ones whose calls still run.
+        self._generations: dict[int, _Generation] = {table_spec.generation: self._current}
+        self._retired_rebuilds = 0  # rebuilds of generations since retired (stats count every rebuild)
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.on_retired: Callable[[TableSpec], None] = lambda spec: None
+        self._admitted = 0
+        self._operations: dict[str, BatchingStats] = {}
+        self._stopped = False
+
+    def _generation(self, spec: TableSpec) -> _Generation:
+        backoff, backoff_max, backoff_reset = self._healing
+        supervisor = ExecutorSupervisor(
+            size=self.size,
+            initargs=(spec, self._flags_spec, *self._worker_args),
             backoff=backoff,
             backoff_max=backoff_max,
             backoff_reset=backoff_reset,
             on_rebuilt=self._scheduler.wake,
         )
-        self._admitted = 0
-        self._operations: dict[str, BatchingStats] = {}
-        self._stopped = False
-        self.segments = _segments(table_spec.vectors.shape[0], scan_segments, chunk_rows)
+        return _Generation(spec, _segments(spec.vectors.shape[0], self._scan_segments, self._chunk_rows), supervisor)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._supervisor.start()
+        await self._current.supervisor.start()
         self._scheduler.start(self._run_batch)
 
     async def stop(self) -> None:
@@ -139,14 +179,77 @@ class HealingPool:
         for call in self._scheduler.stop():
             _fail(call, Unavailable("compute is shutting down; retry shortly"))
         self._flags[:] = worker.CANCEL_REQUESTED
-        await self._supervisor.stop()
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*(generation.supervisor.stop() for generation in self._generations.values()))
         shm.unlink(self._flags_spec)
+
+    async def switch(self, spec: TableSpec) -> None:
+        """Start workers on table `spec`, then run every new call on it (see the module doc).
+
+        Returns once the switch is made; the old generation retires in the background, and
+        `on_retired` is called with its spec once its workers are gone. Raises (and changes
+        nothing) if the new workers cannot start.
+        """
+        if self._stopped:
+            raise Unavailable("compute is shutting down")
+        if spec.generation in self._generations:
+            raise ValueError(f"table generation {spec.generation} already has workers")
+        new = self._generation(spec)
+        try:
+            await new.supervisor.start()
+        except BaseException:
+            await new.supervisor.stop()
+            raise
+        if self._stopped:
+            await new.supervisor.stop()
+            raise Unavailable("compute is shutting down")
+        old, self._current = self._current, new
+        self._generations[spec.generation] = new
+        self._retire_if_unused(old)
+        self._scheduler.wake()
+
+    def _retire_if_unused(self, generation: _Generation) -> None:
+        if generation is self._current or generation.calls or generation.retiring or self._stopped:
+            return
+        generation.retiring = True
+        task = asyncio.get_running_loop().create_task(self._retire(generation), name=f"offload-pool-retire-g{generation.spec.generation}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, generation: _Generation) -> None:
+        # A call that gave up may still have its task running (its flag is raised): shutdown
+        # waits for it, so the segments outlive every task that maps them.
+        await generation.supervisor.stop()
+        del self._generations[generation.spec.generation]
+        self._retired_rebuilds += generation.supervisor.rebuilds
+        log.info("table generation retired", extra={"generation": generation.spec.generation})
+        self.on_retired(generation.spec)
+
+    async def retired(self) -> None:
+        """Wait until every old generation has retired (for tests and benchmarks)."""
+        while len(self._generations) > 1 or self._retiring:
+            await asyncio.sleep(0.02)
 
     # -- state -----------------------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
-        return self._supervisor.healthy
+        return self._current.supervisor.healthy
+
+    @property
+    def generation(self) -> int:
+        """The table generation new calls run on."""
+        return self._current.spec.generation
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """The current generation's scan segments (row ranges)."""
+        return self._current.segments
+
+    def generations(self) -> list[int]:
+        """Generations with workers: the current one, and old ones still finishing calls."""
+        return sorted(self._generations)
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -154,14 +257,14 @@ class HealingPool:
             self._scheduler.busy,
             self._scheduler.queued,
             self.max_inflight,
-            self._supervisor.rebuilds,
-            self._supervisor.healthy,
+            self._retired_rebuilds + sum(g.supervisor.rebuilds for g in self._generations.values()),
+            self.healthy,
             self._scheduler.max_batch,
             {name: dataclasses.replace(stats) for name, stats in self._operations.items()},
         )
 
     def worker_pids(self) -> list[int]:
-        return self._supervisor.worker_pids()
+        return sorted(pid for g in self._generations.values() for pid in g.supervisor.worker_pids())
 
     # -- running work ----------------------------------------------------------------------
 
@@ -176,38 +279,48 @@ class HealingPool:
         batch: Callable[..., Any] | None = None,
         merge: Callable[[list[Any]], Any] | None = None,
         name: str | None = None,
+        generation: int | None = None,
     ) -> Any:
         """Run `fn(request, task)` in a worker, or `batch([request, ...], task)` together with
         other waiting calls that pass the same `batch`. With `merge` too, the call is scanned
         segment by segment (`task.rows`), batched per segment, and its result is
         `merge([per-segment result, ...])`, on the loop. `deadline` is wall-clock (time.time());
         `name` labels the call in stats and metrics (default: the function's name).
+        `generation`: the table generation to run on (default: the current one); a call that
+        names one already retired gets Unavailable (retry: it then runs on the current one).
 
         Raises ResourceExhausted (not admitted), DeadlineExceeded (expired while queued or
         while running), Unavailable (pool restarting, or the worker died), or what the
         operation raised. Cancelling the awaiting coroutine stops the work in the worker.
         """
-        if not self._supervisor.healthy:
+        table = self._current if generation is None else self._generations.get(generation)
+        if table is None or table.retiring:
+            raise GenerationRetired(f"table generation {generation} was replaced by {self.generation}; retry")
+        if not table.supervisor.healthy:
             raise Unavailable(RESTARTING)
         interactive = lane is Lane.INTERACTIVE
         if interactive and self._admitted >= self.max_inflight:
             raise ResourceExhausted("too many heavy calls in flight; retry later", retry_after=1.0)
         loop = asyncio.get_running_loop()
         meta = worker.TaskMeta(ctx.request_id, ctx.traceparent, deadline, -1)  # flags are given per task
-        call = PoolCall(name or fn.__name__, fn, batch, request, meta, lane, loop.create_future())
+        call = PoolCall(name or fn.__name__, fn, batch, request, meta, lane, loop.create_future(), table.spec.generation)
         if batch is not None and merge is not None and self._scheduler.max_batch > 1:
-            call.todo, call.segments_left, call.merge = list(range(len(self.segments))), len(self.segments), merge
+            call.todo, call.segments_left, call.merge = list(range(len(table.segments))), len(table.segments), merge
         if deadline is not None:
             call.expiry = loop.call_later(max(0.0, deadline - time.time()), _expire, call)
         call.future.add_done_callback(self._on_done(call))
         if interactive:
             self._admitted += 1
+        table.calls += 1
         try:
             self._scheduler.put(call)
             return await call.future  # cancelling us cancels the future: see _on_done
         finally:
             if interactive:
                 self._admitted -= 1
+            table.calls -= 1
+            if not table.calls and table is not self._current:
+                self._retire_if_unused(table)
 
     def _on_done(self, call: PoolCall) -> Callable[[asyncio.Future], None]:
         def done(future: asyncio.Future) -> None:
@@ -239,14 +352,17 @@ class HealingPool:
             call.flags.add(flag)
             metas.append(worker.TaskMeta(call.meta.request_id, call.meta.traceparent, call.meta.deadline, flag))
         self._observe(live, time.perf_counter())
+        # Its calls are waiting, so their generation has not retired.
+        generation = self._generations[batch.generation]
+        supervisor = generation.supervisor
         try:
             if batch.segment is not None:
-                rows = self.segments[batch.segment]
-                future = self._supervisor.submit(worker.run_batch, batch.fn, [c.request for c in live], metas, rows)
+                rows = generation.segments[batch.segment]
+                future = supervisor.submit(worker.run_batch, batch.fn, [c.request for c in live], metas, rows)
             elif len(live) == 1:
-                future = self._supervisor.submit(worker.run, live[0].fn, live[0].request, metas[0])
+                future = supervisor.submit(worker.run, live[0].fn, live[0].request, metas[0])
             else:
-                future = self._supervisor.submit(worker.run_batch, batch.fn, [c.request for c in live], metas)
+                future = supervisor.submit(worker.run_batch, batch.fn, [c.request for c in live], metas)
         except ComputeError as exc:
             for call, meta in zip(live, metas):
                 call.flags.discard(meta.flag)

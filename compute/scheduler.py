@@ -17,6 +17,8 @@ joins it at the next segment instead of waiting for a whole scan to end, and one
 segments run on several workers at once. A free slot takes the segment that the most
 waiting calls still need, among those of the first waiting call (which so never starves).
 
+Calls of different table generations never share a batch (a table swap, compute/pool.py).
+
 Jobs yield to interactive calls: while interactive calls have arrived within the last
 `jobs_yield_seconds`, job chunks leave one worker free (with more than one), so an
 interactive call never waits behind two job chunks; with no interactive traffic, jobs use
@@ -54,6 +56,7 @@ class PoolCall:
     meta: worker.TaskMeta
     lane: Lane
     future: asyncio.Future
+    generation: int  # the table generation it runs on, from start to end (compute/pool.py)
     # Segmented operations only: segments not yet handed to a worker, and the results of
     # those done (a call is complete when `segments_left` reaches 0).
     todo: list[int] | None = None
@@ -83,6 +86,7 @@ class Batch:
     calls: list[PoolCall]
     lane: Lane
     fn: Callable[..., Any] | None  # the batch function (None: a call of an unbatched operation)
+    generation: int  # every call of a batch runs on the same table generation
     segment: int | None = None
 
 
@@ -178,9 +182,9 @@ class Scheduler:
                     continue
             head = queue[0]
             if head.todo is None:
-                batch = Batch([queue.popleft()], lane, head.batch)
+                batch = Batch([queue.popleft()], lane, head.batch, head.generation)
             else:
-                batch = Batch([], lane, head.batch, self._best_segment(head, queue))
+                batch = Batch([], lane, head.batch, head.generation, self._best_segment(head, queue))
             self._join(batch)
             return batch, None
         return None, retry_in
@@ -190,7 +194,9 @@ class Scheduler:
         assert head.todo
         if self.max_batch == 1:
             return head.todo[0]
-        needed = collections.Counter(s for call in queue if call.batch is head.batch and call.queued for s in call.todo)
+        needed = collections.Counter(
+            s for call in queue if call.batch is head.batch and call.generation == head.generation and call.queued for s in call.todo
+        )
         return max(head.todo, key=lambda segment: (needed[segment], -segment))
 
     def _join(self, batch: Batch) -> None:
@@ -203,7 +209,7 @@ class Scheduler:
         queue, others = self._lanes[batch.lane], collections.deque()
         while queue and len(batch.calls) < self.max_batch:
             call = queue.popleft()
-            if call.batch is batch.fn and call.queued:
+            if call.batch is batch.fn and call.generation == batch.generation and call.queued:
                 batch.calls.append(call)
             elif call.queued:
                 others.append(call)
@@ -213,7 +219,7 @@ class Scheduler:
         for call in self._lanes[batch.lane]:
             if len(batch.calls) >= self.max_batch:
                 break
-            if call.batch is batch.fn and call.queued and batch.segment in call.todo:
+            if call.batch is batch.fn and call.generation == batch.generation and call.queued and batch.segment in call.todo:
                 call.todo.remove(batch.segment)
                 batch.calls.append(call)
         # Calls with every segment handed out leave the queue when they reach its front (_pick).

@@ -3,7 +3,8 @@
 Start-up order matters:
   1. sweep stale segments and semaphores, start the forkserver (before any gRPC object: grpc#16001);
   2. listen, with health NOT_SERVING, so orchestrators see "alive, not ready";
-  3. build the table in a thread (the loop keeps answering health), then start the pool;
+  3. build the table in a thread (the loop keeps answering health: compute/tables.py picks the
+     source, the state file's or the settings'), then start the pool;
   4. SERVING.
 SIGTERM/SIGINT: NOT_SERVING, new calls refused, in-flight calls get `drain_grace_seconds`,
 the pool stops, the segments are removed.
@@ -28,12 +29,13 @@ from compute.auth import DISPATCH_SCOPE, TokenInterceptor
 from compute.batching import BATCHING_SERVICE, BatchingServicer
 from compute.calls import CallPath
 from compute.jobs.runner import JobService
-from compute.metrics import BatchMetrics, CallMetrics, JobsCollector, PoolCollector, PoolMetrics
+from compute.metrics import BatchMetrics, CallMetrics, JobsCollector, PoolCollector, PoolMetrics, TableCollector
 from compute.pool import HealingPool
 from compute.runtime import Runtime
 from compute.servicer import OperationServicer
 from compute.settings import ComputeSettings
 from compute.table import EmbeddingTable
+from compute.tables import TableManager
 from offload.config import ConfigError
 from offload import loop_debug
 from offload.heartbeat import Heartbeat
@@ -79,7 +81,8 @@ class ComputeServer:
             raise ConfigError([str(exc)]) from None
         self.tracing: Tracing | None = None
         self.registry = CollectorRegistry()
-        self.table: EmbeddingTable | None = None
+        self.tables: TableManager | None = None
+        self.table: EmbeddingTable | None = None  # the one serving now (self.tables swaps it)
         self.pool: HealingPool | None = None
         self.runtime: Runtime | None = None
         self.jobs: JobService | None = None
@@ -128,20 +131,14 @@ class ComputeServer:
         self.registry.register(
             PoolCollector(lambda: self.pool.stats() if self.pool else None, lambda: self.table.nbytes if self.table else 0)
         )
+        self.registry.register(TableCollector(lambda: self.tables))
         self.registry.register(JobsCollector(lambda: self.jobs.store.count_by_state() if self.jobs else None))
         self.registry.register(PssCollector(self._processes))
         self._start_metrics_http()
         await self._start_grpc(calls)
 
-        self.table = await asyncio.to_thread(
-            EmbeddingTable.build,
-            settings.shm_dir,
-            rows=settings.rows,
-            dim=settings.dim,
-            seed=settings.seed,
-            vectors_path=settings.vectors_path,
-            ids_path=settings.ids_path,
-        )
+        self.tables = TableManager(settings)
+        self.table = await self.tables.start()
         self.pool = HealingPool(
             table_spec=self.table.spec,
             shm_dir=settings.shm_dir,
@@ -162,7 +159,10 @@ class ComputeServer:
             tracing=self.tracing,
         )
         await self.pool.start()
-        self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat, self.tracing)
+        self.runtime = Runtime(settings, self.table, self.pool, self.heartbeat, self.tracing, self.tables)
+        self.tables.attach(self.pool, self._table_switched)
+        if settings.table_watch:
+            self.tables.start_watching()
         self.jobs = JobService.from_runtime(self.runtime)
         await self.jobs.start()
         self.runtime.services["jobs"] = self.jobs
@@ -221,10 +221,12 @@ class ComputeServer:
             await self._health_server.stop(0)
         if self.jobs is not None:
             await self.jobs.stop()  # before the pool: running chunks are stopped, their jobs requeued
+        if self.tables is not None:
+            await self.tables.stop_watching()
         if self.pool is not None:
             await self.pool.stop()
-        if self.table is not None:
-            self.table.unlink()
+        if self.tables is not None:
+            self.tables.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         if self._metrics_httpd is not None:
@@ -235,6 +237,14 @@ class ComputeServer:
         log.info("compute stopped")
 
     # -- pieces ---------------------------------------------------------------------------
+
+    def _table_switched(self, table: EmbeddingTable) -> None:
+        """A new table serves (compute/tables.py): calls that start from now on see it."""
+        self.table = table
+        if self.runtime is not None:
+            self.runtime.table = table
+            assert self._calls is not None
+            self._calls.table_switched()
 
     async def _start_grpc(self, calls: CallPath) -> None:
         settings = self.settings

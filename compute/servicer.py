@@ -3,7 +3,8 @@
 No per-RPC code: each operation bound by the `CallPath` becomes a unary or server-streaming
 generic handler. This module only adapts gRPC to the call path: it reads the request context
 from the metadata and the deadline from the call, and is the one place where a `ComputeError`
-becomes a gRPC status (with a `retry-after` trailer for RESOURCE_EXHAUSTED).
+becomes a gRPC status (with a `retry-after` trailer for RESOURCE_EXHAUSTED). Every unary
+response carries an `offload-table-generation` trailer: the table generation that answered.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from compute.errors import ComputeError, InvalidArgument, ResourceExhausted
 from offload import context
 
 GRPC_DETAILS_KEY = "grpc-status-details-bin"
+# Trailer of every unary response: the table generation that answered (compute/tables.py).
+TABLE_GENERATION_KEY = "offload-table-generation"
 _CODE_VALUES = dict(code_pb2.Code.items())
 
 
@@ -102,6 +105,8 @@ class OperationServicer:
         async def handle(request: Any, grpc_context: grpc.aio.ServicerContext) -> Any:
             ctx = request_context(grpc_context)
             deadline = wall_clock_deadline(grpc_context)
+            # The generation the call starts on is the one it runs on (compute/runtime.py).
+            grpc_context.set_trailing_metadata(((TABLE_GENERATION_KEY, calls.generation),))
             try:
                 if bound.inline:
                     return calls.answer_now(bound, request, ctx, deadline)

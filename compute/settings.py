@@ -73,6 +73,17 @@ class ComputeSettings(BaseSettings):
     vectors_path: Path | None = Field(None, description="Your own table: a 2-D float .npy file (rows x dim)")
     ids_path: Path | None = Field(None, description="Ids for vectors_path: UTF-8 text, one id per line")
     shm_dir: Path = Field(Path("/dev/shm"), description="Where shared-memory segments live")
+    table_load_dirs: Names = Field(
+        ["var/tables"],
+        description="Directories LoadTable may read .npy and ids files from (vectors_path's own directory too)",
+    )
+    table_state_path: Path | None = Field(
+        None,
+        description="Where compute records the table it last switched to, served again after a restart (default: next to jobs_db_path, <name>.table.json)",
+    )
+    table_watch: bool = Field(
+        False, description="Load the table again (a hot swap) whenever its .npy or ids file changes"
+    )
 
     # -- the pool ---------------------------------------------------------------------------
     pool_size: int = Field(max(1, os.cpu_count() or 1), ge=1, description="Pool worker processes")
@@ -158,7 +169,7 @@ class ComputeSettings(BaseSettings):
 
     _names = field_validator(
         "extra_operation_modules", "operation_modules", "unserved_methods", "extra_job_type_modules", "job_type_modules",
-        mode="before",
+        "table_load_dirs", mode="before",
     )(module_list)
 
     _keys = field_validator("api_keys", "webhook_secrets", mode="before")(entry_list)
@@ -167,6 +178,10 @@ class ComputeSettings(BaseSettings):
     @property
     def served_operation_modules(self) -> list[str]:
         return list(dict.fromkeys([*self.operation_modules, *self.extra_operation_modules]))
+
+    @property
+    def effective_table_state_path(self) -> Path:
+        return self.table_state_path or self.jobs_db_path.with_suffix(".table.json")
 
     @property
     def served_job_type_modules(self) -> list[str]:

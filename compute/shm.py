@@ -48,15 +48,31 @@ def segment_path(directory: Path, name: str) -> Path:
 
 
 def create(directory: Path, name: str, dtype: np.dtype | str, shape: tuple[int, ...]) -> tuple[np.ndarray, ArraySpec]:
-    """Create a zero-filled writable array backed by a new segment. The caller owns it."""
+    """Create a zero-filled writable array backed by a new segment. The caller owns it.
+
+    The segment's bytes are reserved now (posix_fallocate): when the filesystem is full this
+    raises OSError(ENOSPC) and leaves nothing behind. A segment only truncated to size would
+    be accepted, and the process killed by SIGBUS at the first write to a page tmpfs cannot
+    provide.
+    """
     spec = ArraySpec(str(segment_path(directory, name)), np.dtype(dtype).str, tuple(int(s) for s in shape))
     fd = os.open(spec.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, spec.nbytes)
+        if spec.nbytes:
+            os.posix_fallocate(fd, 0, spec.nbytes)
         array = _map(fd, spec, writable=True)
-    finally:
-        os.close(fd)  # the mapping keeps the memory; the fd is not needed
+    except BaseException:
+        os.close(fd)
+        unlink(spec)
+        raise
+    os.close(fd)  # the mapping keeps the memory; the fd is not needed
     return array, spec
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still create in `directory`'s filesystem."""
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
 
 
 def attach(spec: ArraySpec, *, writable: bool = False) -> np.ndarray:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -24,6 +26,68 @@ log = logging.getLogger("compute.table")
 # random stream so the synthetic table depends only on (rows, dim, seed).
 FILL_CHUNK_ROWS = 65536
 MAX_ID_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TableSource:
+    """Where a table comes from: a 2-D float `.npy` file (ids from a text file, or `item-<row>`),
+    or, without a file, a synthetic table of `rows` x `dim` drawn from `seed`."""
+
+    vectors_path: Path | None = None
+    ids_path: Path | None = None
+    rows: int = 0
+    dim: int = 0
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.vectors_path is None:
+            return f"synthetic(rows={self.rows}, dim={self.dim}, seed={self.seed})"
+        return str(self.vectors_path) if self.ids_path is None else f"{self.vectors_path} (ids {self.ids_path})"
+
+    def to_json(self) -> dict:
+        if self.vectors_path is None:
+            return {"synthetic": {"rows": self.rows, "dim": self.dim, "seed": self.seed}}
+        return {"file": {"vectors_path": str(self.vectors_path), "ids_path": str(self.ids_path or "")}}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "TableSource":
+        if "synthetic" in value:
+            spec = value["synthetic"]
+            return cls(rows=int(spec["rows"]), dim=int(spec["dim"]), seed=int(spec["seed"]))
+        spec = value["file"]
+        return cls(Path(spec["vectors_path"]), Path(spec["ids_path"]) if spec.get("ids_path") else None)
+
+
+@dataclass(frozen=True, slots=True)
+class TablePlan:
+    """A source read and checked up to the copy: its shape, its ids, the bytes it will take."""
+
+    source: TableSource
+    rows: int
+    dim: int
+    ids: np.ndarray | None  # fixed-width UTF-8 bytes, one per row; None: `item-<row>`, made by the load
+
+    @property
+    def id_bytes(self) -> int:
+        return self.ids.dtype.itemsize if self.ids is not None else len(f"item-{self.rows - 1}")
+
+    @property
+    def nbytes(self) -> int:
+        """Shared memory the table takes: vectors, ids, and the ids' sort order."""
+        return self.rows * (self.dim * 4 + self.id_bytes + 8)
+
+
+def plan(source: TableSource, *, read_ids: bool = True) -> TablePlan:
+    """Read a source's header and ids (unless `read_ids` is False: a first look, to check the
+    shape and the room needed before reading a big ids file), without copying its vectors.
+    Raises ValueError (a bad source: the message names the file and what is wrong) or OSError."""
+    if source.vectors_path is None:
+        if source.rows < 1 or source.dim < 1:
+            raise ValueError("a synthetic table needs rows >= 1 and dim >= 1")
+        return TablePlan(source, source.rows, source.dim, None)
+    rows, dim = _npy_shape(source.vectors_path)
+    ids = _load_ids(source.ids_path, rows) if source.ids_path is not None and read_ids else None
+    return TablePlan(source, rows, dim, ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,44 +124,53 @@ class EmbeddingTable:
         generation: int = 1,
     ) -> "EmbeddingTable":
         """Create the segments and fill them (synthetic from a seed, or from a .npy file)."""
-        started = time.perf_counter()
-        source_array = None
-        if vectors_path is not None:
-            source_array = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
-            if source_array.ndim != 2 or source_array.shape[0] < 1 or source_array.dtype.kind != "f":
-                raise ValueError(f"{vectors_path}: expected a 2-D float array, got {source_array.dtype} {source_array.shape}")
-            rows, dim = source_array.shape
-        ids = _load_ids(ids_path, rows) if ids_path is not None else _synthetic_ids(rows)
+        return cls.load(directory, plan(TableSource(vectors_path, ids_path, rows, dim, seed)), generation)
 
+    @classmethod
+    def load(cls, directory: Path, planned: TablePlan, generation: int) -> "EmbeddingTable":
+        """Create generation `generation`'s segments and fill them from a planned source.
+
+        Every byte is reserved up front (shm.create), so a full /dev/shm is an OSError here,
+        never a SIGBUS while copying. Raises ValueError for bad data (NaN, a zero vector,
+        duplicate ids); nothing is left behind on any error.
+        """
+        started = time.perf_counter()
+        source, rows, dim = planned.source, planned.rows, planned.dim
+        ids = planned.ids if planned.ids is not None else _synthetic_ids(rows)
         tag = f"g{generation}"
-        vectors, vectors_spec = shm.create(directory, f"{tag}-vectors", np.float32, (rows, dim))
-        created = [vectors_spec]
+        created = []
         try:
-            ids_array, ids_spec = shm.create(directory, f"{tag}-ids", ids.dtype, ids.shape)
-            created.append(ids_spec)
-            ids_array[:] = ids
             order = np.argsort(ids, kind="stable").astype(np.int64)
             sorted_ids = ids[order]
             if rows > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
                 raise ValueError("ids must be unique")
+            del sorted_ids
+            vectors, vectors_spec = shm.create(directory, f"{tag}-vectors", np.float32, (rows, dim))
+            created.append(vectors_spec)
+            ids_array, ids_spec = shm.create(directory, f"{tag}-ids", ids.dtype, ids.shape)
+            created.append(ids_spec)
+            ids_array[:] = ids
             order_array, order_spec = shm.create(directory, f"{tag}-order", np.int64, (rows,))
             created.append(order_spec)
             order_array[:] = order
-            if source_array is not None:
-                _copy_normalised(source_array, vectors)
+            del order
+            if source.vectors_path is not None:
+                _copy_normalised(_npy_blocks(source.vectors_path, rows), vectors)
             else:
-                _fill_synthetic(vectors, seed)
+                _fill_synthetic(vectors, source.seed)
         except BaseException:
             for spec in created:
                 shm.unlink(spec)
             raise
         _release_freed_memory()
-        source = str(vectors_path) if vectors_path is not None else f"synthetic(rows={rows}, dim={dim}, seed={seed})"
-        spec = TableSpec(vectors_spec, ids_spec, order_spec, generation, source)
+        spec = TableSpec(vectors_spec, ids_spec, order_spec, generation, source.describe())
         table = cls(spec, vectors, ids_array, order_array, owner=True)
         log.info(
             "table built",
-            extra={"rows": rows, "dim": dim, "bytes": table.nbytes, "seconds": round(time.perf_counter() - started, 3)},
+            extra={
+                "generation": generation, "rows": rows, "dim": dim, "bytes": table.nbytes,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
         )
         return table
 
@@ -158,7 +231,12 @@ def synthetic_arrays(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def _synthetic_ids(rows: int) -> np.ndarray:
-    return np.char.add(b"item-", np.arange(rows).astype("S"))
+    """b"item-0", b"item-1", ...: made a block at a time, because numpy's string functions hold
+    the GIL throughout, and a load runs in a thread next to the serving loop."""
+    ids = np.empty(rows, dtype=f"S{len(f'item-{rows - 1}')}")
+    for start in range(0, rows, FILL_CHUNK_ROWS):
+        ids[start : start + FILL_CHUNK_ROWS] = np.char.add(b"item-", np.arange(start, min(rows, start + FILL_CHUNK_ROWS)).astype("S"))
+    return ids
 
 
 def _load_ids(path: Path, rows: int) -> np.ndarray:
@@ -180,15 +258,56 @@ def _fill_synthetic(out: np.ndarray, seed: int) -> None:
         out[start : start + block.shape[0]] = block
 
 
-def _copy_normalised(source: np.ndarray, out: np.ndarray) -> None:
-    for start in range(0, out.shape[0], FILL_CHUNK_ROWS):
-        block = np.asarray(source[start : start + FILL_CHUNK_ROWS], dtype=np.float32)
+def _npy_shape(path: Path) -> tuple[int, int]:
+    """(rows, dim) of a 2-D float .npy file, from its header alone."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1 or array.dtype.kind != "f":
+            raise ValueError(f"{path}: expected a 2-D float array, got {array.dtype} {array.shape}")
+        return int(array.shape[0]), int(array.shape[1])
+    finally:
+        del array
+
+
+def _npy_blocks(path: Path, rows: int) -> Iterator[np.ndarray]:
+    """The rows of a .npy file, FILL_CHUNK_ROWS at a time.
+
+    Read with plain reads, not through a mapping: a mapped file's pages count in compute's
+    memory (PSS) while they stay mapped, a third copy of the table at the peak of a swap.
+    """
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if array.shape[0] != rows:
+        raise ValueError(f"{path} changed while it was being loaded")
+    if not array.flags.c_contiguous:  # Fortran order: rows are not contiguous, read through the mapping
+        for start in range(0, rows, FILL_CHUNK_ROWS):
+            yield np.array(array[start : start + FILL_CHUNK_ROWS])
+        return
+    dtype, dim, offset = array.dtype, array.shape[1], array.offset
+    del array
+    with open(path, "rb") as file:
+        file.seek(offset)
+        for start in range(0, rows, FILL_CHUNK_ROWS):
+            block = np.empty((min(FILL_CHUNK_ROWS, rows - start), dim), dtype=dtype)
+            if file.readinto(memoryview(block).cast("B")) != block.nbytes:
+                raise ValueError(f"{path} is shorter than its header says")
+            yield block
+        try:
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # a one-off read: leave the page cache be
+        except (AttributeError, OSError):
+            pass
+
+
+def _copy_normalised(blocks: Iterator[np.ndarray], out: np.ndarray) -> None:
+    start = 0
+    for raw in blocks:
+        block = np.asarray(raw, dtype=np.float32)
         if not np.isfinite(block).all():
             raise ValueError(f"vectors file has NaN/Inf in rows {start}..{start + len(block) - 1}")
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         if (norms == 0).any():
             raise ValueError(f"vectors file has a zero vector near row {start}: cosine similarity is undefined")
         out[start : start + block.shape[0]] = block / norms
+        start += block.shape[0]
 
 
 def normalised_query(values, dim: int) -> np.ndarray:

@@ -118,6 +118,7 @@ def test_make_dev_with_the_readme_extension_and_json_settings_in_dotenv(newcomer
         "OFFLOAD_GATEWAY_WS_ALLOWED_ORIGINS": '["https://app.example"]',
         "OFFLOAD_GATEWAY_API_KEYS": "[]",
         "OFFLOAD_COMPUTE_API_KEYS": "[]",
+        "OFFLOAD_COMPUTE_TABLE_LOAD_DIRS": '["var/tables"]',
         "OFFLOAD_COMPUTE_WEBHOOK_SECRETS": '["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]',
         "OFFLOAD_COMPUTE_WEBHOOK_ALLOWLIST": '["127.0.0.1", "*.hooks.example"]',
 

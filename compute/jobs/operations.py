@@ -83,6 +83,8 @@ async def get_job(request: jobs_pb2.GetJobRequest, runtime: Runtime) -> jobs_pb2
     record = await service.get(job_id)
     deliveries = await service.store.deliveries(job_id, DELIVERIES_SHOWN) if record.webhook_url else ()
     job = to_proto(record, deliveries)
+    if record.done:
+        job.table_generations.extend(sorted(set((await service.store.chunk_generations(job_id)).values())))
     job_type = service.types.get(record.type)
     if record.state == st.SUCCEEDED and job_type is not None:
         chunks = await service.store.result_chunks(job_id, request.result_offset, limit)

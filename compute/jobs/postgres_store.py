@@ -95,6 +95,7 @@ MIGRATIONS = (
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_time) WHERE state = 'PENDING';
     CREATE INDEX webhook_deliveries_by_job ON webhook_deliveries (job_id, create_time);
     """,
+    "ALTER TABLE job_chunks ADD COLUMN generation BIGINT NOT NULL DEFAULT 0;",
 )
 
 
@@ -264,8 +265,9 @@ class PostgresJobStore(TransitionStore):
             row = await cur.fetchone()
             if row is not None:
                 await cur.execute(
-                    "INSERT INTO job_chunks (job_id, chunk, first_entry, entries, payload) VALUES (%s, %s, %s, %s, %s)",
-                    (job_id, index, chunk.first, chunk.count, chunk.payload),
+                    "INSERT INTO job_chunks (job_id, chunk, first_entry, entries, payload, generation)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)",
+                    (job_id, index, chunk.first, chunk.count, chunk.payload, chunk.generation),
                 )
             return await self._changed(cur, row, now, progress=True)
 
@@ -282,19 +284,21 @@ class PostgresJobStore(TransitionStore):
             )
             return await self._changed(cur, await cur.fetchone(), now)
 
-    async def chunk_indexes(self, job_id: str) -> set[int]:
+    async def chunk_generations(self, job_id: str) -> dict[int, int]:
         async with self._transaction() as cur:
-            await cur.execute("SELECT chunk FROM job_chunks WHERE job_id = %s", (job_id,))
-            return {row["chunk"] for row in await cur.fetchall()}
+            await cur.execute("SELECT chunk, generation FROM job_chunks WHERE job_id = %s", (job_id,))
+            return {row["chunk"]: row["generation"] for row in await cur.fetchall()}
 
     async def result_chunks(self, job_id: str, offset: int, limit: int) -> list[ChunkPayload]:
         async with self._transaction() as cur:
             await cur.execute(
-                "SELECT first_entry, entries, payload FROM job_chunks WHERE job_id = %s"
+                "SELECT first_entry, entries, payload, generation FROM job_chunks WHERE job_id = %s"
                 " AND first_entry < %s AND first_entry + entries > %s ORDER BY first_entry",
                 (job_id, offset + limit, offset),
             )
-            return [ChunkPayload(r["first_entry"], r["entries"], bytes(r["payload"])) for r in await cur.fetchall()]
+            return [
+                ChunkPayload(r["first_entry"], r["entries"], bytes(r["payload"]), r["generation"]) for r in await cur.fetchall()
+            ]
 
     async def get(self, job_id: str, now: float) -> JobRecord | None:
         row = await self._one("SELECT * FROM jobs WHERE id = %s AND (expire_time IS NULL OR expire_time > %s)", (job_id, now))

@@ -40,7 +40,7 @@ from compute.jobs.webhook_signing import parse_secret
 
 if TYPE_CHECKING:
     from compute.jobs.webhooks import WebhookSender
-from compute.pool import Lane
+from compute.pool import GenerationRetired, Lane
 from compute.runtime import Runtime
 from offload import context
 from offload.context import RequestContext
@@ -302,19 +302,18 @@ class JobService:
             await self._finish_failed(record, "UNIMPLEMENTED", f"job type {record.type!r} is not served by this compute")
             return
         spec = getattr(jobs_pb2.SubmitJobRequest.FromString(record.spec), record.type)
-        try:
-            chunks = await asyncio.to_thread(job_type.plan, spec, self.runtime)  # off the loop, as on submit
-        except ComputeError as exc:  # e.g. the table changed since the job was submitted
-            await self._finish_failed(record, exc.code, exc.message)
+        planned = await self._plan(record, job_type, spec)
+        if planned is None:
             return
-        stored = await self.store.chunk_indexes(record.id)
+        generation, chunks = planned
+        stored = await self.store.chunk_generations(record.id)
         ctx = RequestContext(record.request_id, record.traceparent)
         log.info("job started", extra={"job_id": record.id, "attempt": record.attempts, "chunks": len(chunks), "resumed_chunks": len(stored)})
         done = sum(chunk.entries for index, chunk in enumerate(chunks) if index in stored)
         todo, first = [], 0
         for index, chunk in enumerate(chunks):
             if index not in stored:
-                todo.append((index, first, chunk))
+                todo.append((index, first))
             first += chunk.entries
         todo.reverse()  # popped from the end: in order
 
@@ -325,42 +324,57 @@ class JobService:
             if tracing is not None:  # a span per chunk, child of the submit's: its pool task is the grandchild
                 span = tracing.start(f"job chunk {record.type}", record.traceparent, attributes={
                     "offload.job.id": record.id, "offload.job.chunk": index, "offload.job.attempt": record.attempts,
-                    "offload.request_id": record.request_id,
+                    "offload.request_id": record.request_id, "offload.table.generation": generation,
                 })  # fmt: skip
                 chunk_ctx = RequestContext(record.request_id, tracing.traceparent(span))
-            call = self.runtime.pool.run(job_type.run_chunk, chunk.request, ctx=chunk_ctx, deadline=None, lane=Lane.JOBS)
+            call = self.runtime.pool.run(
+                job_type.run_chunk, chunk.request, ctx=chunk_ctx, deadline=None, lane=Lane.JOBS, generation=generation
+            )
             task = asyncio.ensure_future(call)
             if span is not None:
                 task.add_done_callback(lambda t: tracing.end(span, _outcome(t)))
             return task
 
         # Up to `jobs_chunks_in_flight` chunks in the pool at once (the scheduler keeps a worker
-        # for interactive calls while they arrive); each is saved as soon as it is done.
-        in_flight: dict[asyncio.Task, tuple[int, int, Chunk]] = {}
+        # for interactive calls while they arrive); each is saved as soon as it is done, with
+        # the table generation it ran on. When the table is swapped during the job, the chunks
+        # still to run are planned again on the new table (a job records each chunk's generation
+        # rather than holding an old table in memory until it ends).
+        in_flight: dict[asyncio.Task, tuple[int, int, int]] = {}
         try:
             while todo or in_flight:
                 while todo and len(in_flight) < self._chunks_in_flight:
                     current = await self.store.get(record.id, time.time())
                     if current is None or current.state != st.RUNNING:
                         return  # cancelled (possibly by another process) or expired
-                    index, start, chunk = todo.pop()
-                    in_flight[run_chunk(index, chunk)] = (index, start, chunk)
+                    if self.runtime.table.spec.generation != generation:
+                        planned = await self._plan(record, job_type, spec, replan_of=chunks)
+                        if planned is None:
+                            return
+                        generation, chunks = planned
+                    index, start = todo.pop()
+                    in_flight[run_chunk(index, chunks[index])] = (index, start, generation)
                 finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(finished, key=lambda t: in_flight[t][0]):
-                    index, start, chunk = in_flight.pop(task)
+                    index, start, used = in_flight.pop(task)
                     try:
                         payload = task.result()
+                    except GenerationRetired:
+                        todo.append((index, start))  # swapped before it started: runs again, on the new table
+                        continue
                     except Unavailable as exc:
                         await self._retry_or_fail(record, exc)
                         return
                     except ComputeError as exc:
                         await self._finish_failed(record, exc.code, exc.message)
                         return
-                    done += chunk.entries
-                    updated = await self.store.progress(record.id, index, st.ChunkPayload(start, chunk.entries, payload), done, time.time())
+                    done += chunks[index].entries
+                    saved = st.ChunkPayload(start, chunks[index].entries, payload, used)
+                    updated = await self.store.progress(record.id, index, saved, done, time.time())
                     if updated is None:
                         return  # cancelled while the chunk ran
                     self._publish(updated)
+                todo.sort(reverse=True)
         finally:
             for task in in_flight:
                 task.cancel()  # raises the chunk's cancel flag in its worker
@@ -371,6 +385,27 @@ class JobService:
         if final is not None:
             log.info("job succeeded", extra={"job_id": record.id, "seconds": round(now - (record.start_time or now), 3)})
             self._publish(final)
+
+    async def _plan(
+        self, record: st.JobRecord, job_type: JobType, spec, replan_of: list[Chunk] | None = None
+    ) -> tuple[int, list[Chunk]] | None:
+        """(table generation, chunks) of the job on the table served now, or None: the job failed
+        (its spec no longer plans on this table: e.g. an item id the new table lacks)."""
+        runtime = self.runtime.snapshot()  # one table for the whole plan, even if a swap happens meanwhile
+        generation = runtime.table.spec.generation
+        try:
+            chunks = await asyncio.to_thread(job_type.plan, spec, runtime)  # off the loop, as on submit
+        except ComputeError as exc:  # e.g. the table changed since the job was submitted
+            changed = "" if replan_of is None else f"the table changed to generation {generation} while the job ran: "
+            await self._finish_failed(record, exc.code, changed + exc.message)
+            return None
+        if replan_of is not None:
+            if [c.entries for c in chunks] != [c.entries for c in replan_of]:
+                await self._finish_failed(record, "FAILED_PRECONDITION", f"the table changed to generation {generation} "
+                                          "while the job ran, and the job's chunks no longer match")  # fmt: skip
+                return None
+            log.info("job planned again on a new table", extra={"job_id": record.id, "generation": generation})
+        return generation, chunks
 
     async def _retry_or_fail(self, record: st.JobRecord, exc: ComputeError) -> None:
         delay = self._backoff.delay(record.attempts)

@@ -97,7 +97,11 @@ ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
 ALTER TABLE jobs ADD COLUMN lease_expires REAL;
 """
 
-MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+_SCHEMA_V4 = """
+ALTER TABLE job_chunks ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 # A RUNNING job whose owner is gone: one store per database file (the lock file), so any owner
 # but this instance is a process that died (or a row from before leases existed).
@@ -297,27 +301,27 @@ class SqliteJobStore(TransitionStore):
             )
             if updated is not None:
                 conn.execute(
-                    "INSERT INTO job_chunks (job_id, chunk, first_entry, entries, payload) VALUES (?, ?, ?, ?, ?)",
-                    (job_id, index, chunk.first, chunk.count, chunk.payload),
+                    "INSERT INTO job_chunks (job_id, chunk, first_entry, entries, payload, generation) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, index, chunk.first, chunk.count, chunk.payload, chunk.generation),
                 )
             return self._changed(conn, updated, now, progress=True)
 
         return await self._call(self._write, run)
 
-    async def chunk_indexes(self, job_id: str) -> set[int]:
-        def run() -> set[int]:
-            return {row[0] for row in self._conn.execute("SELECT chunk FROM job_chunks WHERE job_id = ?", (job_id,))}
+    async def chunk_generations(self, job_id: str) -> dict[int, int]:
+        def run() -> dict[int, int]:
+            return dict(self._conn.execute("SELECT chunk, generation FROM job_chunks WHERE job_id = ?", (job_id,)))
 
         return await self._call(run)
 
     async def result_chunks(self, job_id: str, offset: int, limit: int) -> list[ChunkPayload]:
         def run() -> list[ChunkPayload]:
             rows = self._conn.execute(
-                "SELECT first_entry, entries, payload FROM job_chunks WHERE job_id = ?"
+                "SELECT first_entry, entries, payload, generation FROM job_chunks WHERE job_id = ?"
                 " AND first_entry < ? AND first_entry + entries > ? ORDER BY first_entry",
                 (job_id, offset + limit, offset),
             )
-            return [ChunkPayload(row[0], row[1], row[2]) for row in rows]
+            return [ChunkPayload(*row) for row in rows]
 
         return await self._call(run)
 

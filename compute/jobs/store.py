@@ -100,6 +100,7 @@ class ChunkPayload:
     first: int
     count: int
     payload: bytes
+    generation: int = 0  # the table generation it was computed on (0: stored before generations were recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,8 @@ class JobStore(abc.ABC):
         (`refund_attempt`) a job stopped by a shutdown, whose interrupted attempt does not count."""
 
     @abc.abstractmethod
-    async def chunk_indexes(self, job_id: str) -> set[int]: ...
+    async def chunk_generations(self, job_id: str) -> dict[int, int]:
+        """Index -> table generation of each stored chunk of the job."""
 
     @abc.abstractmethod
     async def result_chunks(self, job_id: str, offset: int, limit: int) -> list[ChunkPayload]:

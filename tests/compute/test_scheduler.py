@@ -61,9 +61,11 @@ class Workers:
         self._gates[index].set()
 
 
-def make_call(name: str, fn=search, batch=search_together, lane: Lane = Lane.INTERACTIVE, segments: int = 0) -> PoolCall:
+def make_call(
+    name: str, fn=search, batch=search_together, lane: Lane = Lane.INTERACTIVE, segments: int = 0, generation: int = 1
+) -> PoolCall:
     future = asyncio.get_running_loop().create_future()
-    call = PoolCall(fn.__name__, fn, batch, name, TaskMeta(name, "", None, -1), lane, future)
+    call = PoolCall(fn.__name__, fn, batch, name, TaskMeta(name, "", None, -1), lane, future, generation)
     if segments:
         call.todo, call.segments_left = list(range(segments)), segments
     return call
@@ -107,6 +109,28 @@ def test_waiting_calls_of_one_operation_go_together_in_arrival_order():
         workers.release(3)
         await settle()
         assert scheduler.busy == 0 and scheduler.queued == 0
+        scheduler.stop()
+
+    run(scenario())
+
+
+def test_calls_of_different_table_generations_never_share_a_batch():
+    async def scenario():
+        scheduler, workers = Scheduler(size=1, max_batch=8, max_delay=0, jobs_yield_seconds=1), Workers()
+        scheduler.start(workers.run_batch)
+        scheduler.put(make_call("occupier", count, None))
+        await settle()
+        for name, generation in [("old-1", 1), ("new-1", 2), ("old-2", 1), ("new-2", 2)]:
+            scheduler.put(make_call(name, generation=generation))
+        scheduler.put(make_call("seg-old", count, count_together, segments=2, generation=1))
+        scheduler.put(make_call("seg-new", count, count_together, segments=2, generation=2))
+        for index in range(6):
+            workers.release(index)
+            await settle()
+        assert [names for _, names in workers.batches[1:]] == [
+            ["old-1", "old-2"], ["new-1", "new-2"], ["seg-old"], ["seg-old"], ["seg-new"], ["seg-new"]
+        ]
+        workers.release(6)
         scheduler.stop()
 
     run(scenario())

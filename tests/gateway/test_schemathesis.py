@@ -56,6 +56,9 @@ def test_schemathesis_finds_nothing(gateway_url, tmp_path):
         "--checks", "all",
         # Replaced by the hooks' narrowed versions:
         "--exclude-checks", "positive_data_acceptance,not_a_server_error,negative_data_rejection",
+        # LoadTable would build tables of any size it draws and swap the one the others read
+        # (it has its own tests: tests/compute/test_table_swap.py).
+        "--exclude-path", "/v1/table:load",
         "--max-examples", "30",
         "--request-timeout", "20",
         "--seed", "1",
@@ -65,4 +68,4 @@ def test_schemathesis_finds_nothing(gateway_url, tmp_path):
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = [line for line in result.stdout.splitlines() if " generated, " in line]
     assert summary and summary[-1].strip().endswith("passed"), result.stdout[-3000:]
-    assert "Selected: 11/11" in result.stdout
+    assert "Selected: 11/12" in result.stdout

@@ -79,9 +79,10 @@ def test_claim_progress_succeed_and_the_losers_of_races(run):
         claimed = await store.claim(now)
         assert claimed.state == st.RUNNING and claimed.attempts == 1 and claimed.sequence == 2
         assert await store.claim(now) is None  # nothing else queued
-        saved = await store.progress("job-1", 0, st.ChunkPayload(0, 4, b"p0"), 4, now)
+        saved = await store.progress("job-1", 0, st.ChunkPayload(0, 4, b"p0", generation=7), 4, now)
         assert saved.done == 4 and saved.result_count == 4 and saved.sequence == 3
-        assert await store.chunk_indexes("job-1") == {0}
+        assert await store.chunk_generations("job-1") == {0: 7}
+        assert await store.result_chunks("job-1", 0, 10) == [st.ChunkPayload(0, 4, b"p0", 7)]
         done = await store.succeed("job-1", now, expire_time=now + 60)
         assert done.state == st.SUCCEEDED and done.end_time == now
         # Once finished, nothing else applies: each answers None and changes nothing.
