@@ -21,7 +21,7 @@ from bench.procs import BLAS_ENV
 
 os.environ.update(BLAS_ENV)  # before numpy: the in-process reference scans single-threaded too
 
-from bench import designs, job_stores, report, scenarios, streams  # noqa: E402
+from bench import designs, job_stores, report, scenarios, streams, swap  # noqa: E402
 from bench.designs import Table  # noqa: E402
 from bench.otlp_sink import OtlpSink  # noqa: E402
 from bench.scenarios import Bench, Profile  # noqa: E402
@@ -36,7 +36,7 @@ def profiles() -> dict[str, Profile]:
             concurrency=[1], concurrency_duration=0.6, inproc_queries=10, start_timeout=60.0,
             jobs_queries=64, jobs_fairness_seconds=0.5, search_clients=4,
             hop_levels=[1, 4], hop_warmup=0.1, hop_duration=0.4, open_rate=200.0,
-            stream_messages=500, stream_reps=1, store_jobs=20,
+            stream_messages=500, stream_reps=1, store_jobs=20, swap_table=Table(20_000, 32), swap_window=0.5,
         ),
         "quick": Profile(
             name="quick", load_table=Table(524_288, 128), reps=2, warmup=0.3, duration=1.2, drain=1.5, timeout=5.0,
@@ -45,6 +45,7 @@ def profiles() -> dict[str, Profile]:
             memory_sweep=[("offload", 4, 2), ("naive-inline", 4, 0)],
             jobs_queries=512, jobs_fairness_seconds=1.5,
             hop_levels=[1, 64], hop_warmup=0.3, hop_duration=1.2, open_rate=400.0,
+            swap_table=Table(524_288, 128), swap_window=2.0,
         ),
         "full": Profile(
             name="full", load_table=Table(1_048_576, 128), reps=3, warmup=0.5, duration=4.0, drain=3.0, timeout=10.0,
@@ -59,6 +60,7 @@ def profiles() -> dict[str, Profile]:
             ],
             max_private_copies=6, jobs_queries=512, jobs_reps=2, jobs_fairness_seconds=3.0,
             hop_levels=[1, 64], hop_warmup=0.5, hop_duration=2.0, open_rate=400.0,
+            swap_table=Table(GIB_ROWS_128, 128), swap_window=3.0,
         ),
     }
 
@@ -163,6 +165,13 @@ def run(profile: Profile, out: Path, argv: list[str]) -> dict:
     except Exception as exc:
         log(f"ERROR in job stores: {exc}")
         results["errors"].append({"design": "job-stores", "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
+    try:
+        log(f"table swap: LoadTable of a {profile.swap_table.rows} x {profile.swap_table.dim} table while serving")
+        results["swap"] = swap.measure(profile.swap_table, profile.workers, profile.pool_size, logdir, log,
+                                       window=profile.swap_window)
+    except Exception as exc:
+        log(f"ERROR in table swap: {exc}")
+        results["errors"].append({"design": "table-swap", "error": str(exc), "traceback": traceback.format_exc()[-4000:]})
     try:
         scenarios.memory_sweep(bench)
     except Exception as exc:

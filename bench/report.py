@@ -214,7 +214,48 @@ def targets(results: dict) -> list[dict]:
     out = issue5_targets(results)
     for t in out:
         t.setdefault("section", "issue 5")
-    return out + hop_targets(results) + search_targets(results) + operations_targets(results)
+    return out + hop_targets(results) + search_targets(results) + operations_targets(results) + swap_targets(results)
+
+
+def swap_targets(results: dict) -> list[dict]:
+    """The table hot swap: its time, the tail latency during it, and its memory peak (bench/swap.py)."""
+    swap = results.get("swap")
+    if not swap:
+        return []
+    size = f"{swap['table_bytes'] / MIB:,.0f} MiB table"
+    idle, loaded = swap["idle"], swap["loaded"]
+    out = [{
+        "section": "table swap",
+        "target": f"Swap time (LoadTable of a .npy, {size}): idle; under mixed load",
+        "value": f"{fmt(idle['swap_seconds'], 2)} s; {fmt(loaded['swap_seconds'], 2)} s (old table's memory released "
+                 f"{fmt(idle['release_seconds'], 2)} s / {fmt(loaded['release_seconds'], 2)} s after the switch)",
+        "met": None,
+    }]
+    before, during = swap["load"]["before"], swap["load"]["during"]
+    failed = sum(c["failed"] for c in during.values())
+    for name, what in (("light", "GetItem"), ("heavy", "Search")):
+        b, d = before[name]["p99_ms"], during[name]["p99_ms"]
+        out.append({
+            "section": "table swap",
+            "target": f"{what} p99 during the swap vs before it (same closed-loop load through the gateway)",
+            "value": f"{fmt(d, 1)} ms vs {fmt(b, 1)} ms ({fmt(ratio(d, b), 2)}×)",
+            "met": None,
+        })
+    out.append({
+        "section": "table swap",
+        "target": "No failed request during the swap",
+        "value": f"{failed} failed of {sum(c['ok'] for c in during.values()) + failed}",
+        "met": failed == 0,
+    })
+    peak = max(idle["peak_pss"], loaded["peak_pss"])
+    out.append({
+        "section": "table swap",
+        "target": "Peak total PSS during the swap (expected: about one table more than before it)",
+        "value": f"{peak / GIB:.2f} GiB vs {swap['pss_before'] / GIB:.2f} GiB before ({(peak - swap['pss_before']) / swap['table_bytes']:.2f} "
+                 f"tables more); {swap['pss_after'] / GIB:.2f} GiB after",
+        "met": None,
+    })
+    return out
 
 
 def _search_summary(results: dict, key: str, level: int | str) -> dict | None:
@@ -639,6 +680,33 @@ def _job_stores_section(stores: dict | None) -> list[str]:
     return L
 
 
+def _swap_section(swap: dict | None) -> list[str]:
+    if not swap:
+        return []
+    L = ["## Table swap (LoadTable while serving)", ""]
+    config = swap["load_config"]
+    L.append(f"{swap['label']}, a {swap['table_rows']:,} x {swap['table_dim']} table ({swap['table_bytes'] / MIB:,.0f} MiB in "
+             f"shared memory, ids included) replaced by a .npy of the same shape, twice: idle, then under a closed loop of "
+             f"{config['light_clients']} GetItem and {config['heavy_clients']} Search clients through the gateway, whose "
+             f"window opens with the swap and lasts as long as the idle swap took (bench/swap.py).")
+    L.append("")
+    L.append("| | idle | under load |")
+    L.append("|---|---|---|")
+    idle, loaded = swap["idle"], swap["loaded"]
+    L.append(f"| LoadTable, s | {fmt(idle['swap_seconds'], 2)} | {fmt(loaded['swap_seconds'], 2)} |")
+    L.append(f"| old table released after, s | {fmt(idle['release_seconds'], 2)} | {fmt(loaded['release_seconds'], 2)} |")
+    L.append(f"| peak total PSS, GiB | {idle['peak_pss'] / GIB:.2f} | {loaded['peak_pss'] / GIB:.2f} |")
+    L.append("")
+    L.append("| class | p50 / p99 ms before | p50 / p99 ms during | answered during | failed during |")
+    L.append("|---|---|---|---|---|")
+    for name in ("light", "heavy"):
+        b, d = swap["load"]["before"][name], swap["load"]["during"][name]
+        L.append(f"| {name} | {fmt(b['p50_ms'], 1)} / {fmt(b['p99_ms'], 1)} | {fmt(d['p50_ms'], 1)} / {fmt(d['p99_ms'], 1)} "
+                 f"| {d['ok']} | {d['failed']} |")
+    L.append("")
+    return L
+
+
 def _streams_section(streams: dict | None) -> list[str]:
     if not streams:
         return []
@@ -668,7 +736,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
     L.append("All figures come from this one run on this machine; compare designs by the ratios, not the absolute times. "
              "Cells show median [min–max] over repetitions.")
     L.append("")
-    for section in ("issue 5", "the hop", "Search batching", "operations"):
+    for section in ("issue 5", "the hop", "Search batching", "operations", "table swap"):
         rows = [t for t in results.get("targets", []) if t.get("section", "issue 5") == section]
         if not rows:
             continue
@@ -786,6 +854,7 @@ def markdown(results: dict, chart_files: list[str]) -> str:
     L.extend(_jobs_section(results.get("jobs", {})))
     L.extend(_streams_section(results.get("streams")))
     L.extend(_job_stores_section(results.get("job_stores")))
+    L.extend(_swap_section(results.get("swap")))
     if chart_files:
         L.append("## Charts")
         L.append("")

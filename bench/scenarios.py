@@ -56,6 +56,8 @@ class Profile:
     stream_messages: int = 20_000  # server-streaming messages/s through one gateway worker (bench/streams.py)
     stream_reps: int = 3
     store_jobs: int = 200  # small jobs submitted at once, per job store backend (bench/job_stores.py)
+    swap_table: Table = field(default_factory=lambda: Table(2**30 // (128 * 4), 128))  # swapped by LoadTable (bench/swap.py)
+    swap_window: float = 3.0  # seconds of load measured before the swap
 
 
 @dataclass

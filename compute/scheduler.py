@@ -151,6 +151,9 @@ class Scheduler:
             finally:
                 del self._busy[slot]
                 self._wake.set()  # a freed slot may let a job chunk through
+                # Not kept while the slot waits for the next: its calls hold their requests and
+                # the table they ran on, which a table swap must be able to release.
+                del batch
 
     async def _take(self) -> Batch:
         while True:

@@ -270,10 +270,13 @@ def _npy_shape(path: Path) -> tuple[int, int]:
 
 
 def _npy_blocks(path: Path, rows: int) -> Iterator[np.ndarray]:
-    """The rows of a .npy file, FILL_CHUNK_ROWS at a time.
+    """The rows of a .npy file, FILL_CHUNK_ROWS at a time, in one reused buffer (each block is
+    valid until the next is read).
 
     Read with plain reads, not through a mapping: a mapped file's pages count in compute's
-    memory (PSS) while they stay mapped, a third copy of the table at the peak of a swap.
+    memory (PSS) while they stay mapped, a third copy of the table at the peak of a swap. One
+    buffer, not one per block: a fresh 32 MiB allocation is a fresh mapping from the kernel,
+    paid in page faults at every block.
     """
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     if array.shape[0] != rows:
@@ -284,30 +287,37 @@ def _npy_blocks(path: Path, rows: int) -> Iterator[np.ndarray]:
         return
     dtype, dim, offset = array.dtype, array.shape[1], array.offset
     del array
+    buffer = np.empty((min(FILL_CHUNK_ROWS, rows), dim), dtype=dtype)
     with open(path, "rb") as file:
         file.seek(offset)
         for start in range(0, rows, FILL_CHUNK_ROWS):
-            block = np.empty((min(FILL_CHUNK_ROWS, rows - start), dim), dtype=dtype)
+            block = buffer[: min(FILL_CHUNK_ROWS, rows - start)]
             if file.readinto(memoryview(block).cast("B")) != block.nbytes:
                 raise ValueError(f"{path} is shorter than its header says")
             yield block
-        try:
-            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # a one-off read: leave the page cache be
-        except (AttributeError, OSError):
-            pass
 
 
 def _copy_normalised(blocks: Iterator[np.ndarray], out: np.ndarray) -> None:
+    """Each block's rows, divided by their norms, straight into `out`: no temporary the size of
+    a block (see _npy_blocks)."""
     start = 0
     for raw in blocks:
-        block = np.asarray(raw, dtype=np.float32)
-        if not np.isfinite(block).all():
-            raise ValueError(f"vectors file has NaN/Inf in rows {start}..{start + len(block) - 1}")
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        stop = start + raw.shape[0]
+        target = out[start:stop]
+        if raw.dtype == np.float32:
+            block = raw
+        else:
+            target[:] = raw  # the conversion lands in place
+            block = target
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+        if not np.isfinite(norms).all():
+            if not np.isfinite(block).all():
+                raise ValueError(f"vectors file has NaN/Inf in rows {start}..{stop - 1}")
+            norms = np.linalg.norm(block.astype(np.float64), axis=1, keepdims=True)  # huge values: no overflow
         if (norms == 0).any():
             raise ValueError(f"vectors file has a zero vector near row {start}: cosine similarity is undefined")
-        out[start : start + block.shape[0]] = block / norms
-        start += block.shape[0]
+        np.divide(block, norms, out=target, casting="unsafe")
+        start = stop
 
 
 def normalised_query(values, dim: int) -> np.ndarray:

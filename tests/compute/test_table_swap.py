@@ -145,6 +145,30 @@ def test_swap_under_mixed_load_fails_no_call_and_every_answer_is_one_generations
     assert metric_sample(text, "offload_compute_table_info", generation="3") == 1
 
 
+def mapped_old_segments(compute, generation: int) -> list[str]:
+    """Mappings of a generation's (unlinked) segments in compute or any of its processes."""
+    found = []
+    for proc in [psutil.Process(compute.pid), *psutil.Process(compute.pid).children(recursive=True)]:
+        try:
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        except OSError:
+            continue
+        found += [f"{proc.pid}: {line.split()[-2]}" for line in maps.splitlines() if f"-g{generation}-" in line and "offload-" in line]
+    return found
+
+
+def test_the_old_tables_memory_is_released_even_when_no_call_follows(compute_factory):
+    compute = compute_factory(rows=ROWS, dim=DIM)
+    stub = service(compute)
+    for n in range(20):  # the pool's slots and the loop last saw calls on generation 1
+        stub.Search(search_pb2.SearchRequest(vector=[1.0 + n] + [0.5] * (DIM - 1), k=3), timeout=10)
+        stub.GetItem(compute_pb2.GetItemRequest(id=f"item-{n}"), timeout=10)
+    assert mapped_old_segments(compute, 1), "compute and its workers map generation 1"
+    load(compute, synthetic=compute_pb2.SyntheticTableSource(rows=ROWS, dim=DIM, seed=3))
+    wait_until(lambda: generations_in_shm(compute) == {2}, 10, message="generation 1 unlinked")
+    wait_until(lambda: not mapped_old_segments(compute, 1), 10, message="no process maps generation 1 any more")
+
+
 def test_bad_sources_are_refused_before_anything_changes(compute_factory, tables_dir, tmp_path):
     compute = compute_factory(rows=2000, dim=DIM, table_load_dirs=[str(tables_dir)])
     before = segments(compute)
