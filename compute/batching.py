@@ -95,7 +95,9 @@ class BatchingServicer:
         if request.HasField("waited"):
             metrics.wait.observe(request.waited.ToNanoseconds() / 1e9)
         reply = batching_pb2.DispatchResponse()
-        results = [reply.results.add() for _ in items]
+        # Inline items are answered now, on the table serving now; awaited ones each say theirs.
+        generation = self._calls.generation
+        results = [reply.results.add(table_generation=generation) for _ in items]
         encoded: list[bytes | None] = [None] * len(items)
         pending: dict[asyncio.Task, int] = {}
         now = time.time()
@@ -129,7 +131,7 @@ class BatchingServicer:
                 await asyncio.wait(pending)
                 for task, index in pending.items():
                     try:
-                        encoded[index] = task.result()
+                        encoded[index], results[index].table_generation = task.result()
                     except ComputeError as exc:
                         _fail(results[index], exc)
                     except asyncio.CancelledError:
@@ -141,13 +143,17 @@ class BatchingServicer:
         self._fill(results, encoded, limit)
         return reply
 
-    async def _awaited(self, bound: BoundOperation, message: Any, ctx: context.RequestContext, deadline: float | None) -> bytes:
+    async def _awaited(
+        self, bound: BoundOperation, message: Any, ctx: context.RequestContext, deadline: float | None
+    ) -> tuple[bytes, int]:
+        """(the serialized response, the table generation that answered)."""
         # gRPC enforces a unary call's deadline by cancelling its handler; an item gets the same.
         timeout = None if deadline is None else max(0.0, deadline - time.time())
+        generation = self._calls.generation  # the one answer() starts on: no await in between
         try:
             async with asyncio.timeout(timeout):
                 response = await self._calls.answer(bound, message, ctx, deadline)
-            return bound.response_cls.SerializeToString(response)
+            return bound.response_cls.SerializeToString(response), generation
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed before compute answered") from None
         except (ComputeError, asyncio.CancelledError):

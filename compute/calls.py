@@ -104,8 +104,9 @@ class CallPath:
             self.by_path[bound.path] = bound
         self._live: Runtime | None = None  # streaming operations read the table served now
         self._runtime: Runtime | None = None  # a unary call keeps the snapshot it started with
-        # The table generation new calls run on, as sent in the trailer that names it.
-        self.generation = ""
+        # The table generation new calls run on, and as the trailer that names it sends it.
+        self.generation = 0
+        self.generation_text = ""
         self._counters: dict[tuple[str, str], Any] = {}
         # Request ids of the calls being served, for the heartbeat's stall report.
         self.inflight: dict[int, str] = {}
@@ -122,7 +123,8 @@ class CallPath:
         flight keep the snapshot they captured; nothing else changes for them."""
         assert self._live is not None
         self._runtime = self._live.snapshot()
-        self.generation = str(self._live.table.spec.generation)
+        self.generation = self._live.table.spec.generation
+        self.generation_text = str(self.generation)
 
     def service_names(self) -> list[str]:
         return sorted({b.method.containing_service.full_name for b in self.by_path.values()})

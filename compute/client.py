@@ -5,6 +5,7 @@
     python -m compute.client GetStats
     python -m compute.client health
     python -m compute.client --list
+    python -m compute.client load-table var/tables/next.npy [--ids var/tables/next.txt]   # a hot swap
 
 Any RPC compute serves works, yours included, by short name (`Search`) or full name
 (`offload.v1.ComputeService.Search`): the client asks compute's reflection service for the
@@ -75,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("method", nargs="?", help="RPC name, or 'health'")
     parser.add_argument("request", nargs="?", default="{}", help="request as protobuf JSON ('-' reads stdin)")
     parser.add_argument("--address", default="127.0.0.1:50051", help="compute address (host:port or unix:/path)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default 30; load-table: 600)")
     parser.add_argument("--request-id", default=None, help="x-request-id to send (generated if absent)")
     parser.add_argument("--api-key", default=os.environ.get("OFFLOAD_API_KEY"), help="key for a compute that requires one (default: $OFFLOAD_API_KEY)")
     parser.add_argument("--like", metavar="ITEM_ID", help="Search: use this item's vector as the query")
     parser.add_argument("--list", action="store_true", help="list the RPCs")
+    table = parser.add_argument_group("load-table PATH (LoadTable: swap in a new table while serving)")
+    table.add_argument("--ids", metavar="PATH", help="the new table's ids file (one per line)")
+    table.add_argument("--synthetic", metavar="ROWS,DIM,SEED", help="a synthetic table instead of a file")
+    table.add_argument("--allow-dimension-change", action="store_true", help="switch even if the dimension changes")
     args = parser.parse_intermixed_args(argv)
+    if args.timeout is None:
+        args.timeout = 600.0 if args.method == "load-table" else 30.0
 
     if not args.method and not args.list:
         parser.error("a method is required (or --list)")
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
             return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
         request_json = sys.stdin.read() if args.request == "-" else args.request
+        if args.method == "load-table":
+            args.method, request_json = "offload.v1.ComputeService.LoadTable", load_table_request(parser, args)
         if args.like:
             item = fetch_item(channel, args.like, args.timeout, metadata)
             body = json.loads(request_json or "{}")
@@ -119,6 +128,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         channel.close()
+
+
+def load_table_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """LoadTable's request, as JSON. Paths are made absolute here: compute reads them from its
+    own working directory, which need not be ours."""
+    body: dict = {"allowDimensionChange": args.allow_dimension_change}
+    if args.synthetic:
+        try:
+            rows, dim, seed = (int(part) for part in args.synthetic.split(","))
+        except ValueError:
+            parser.error("--synthetic takes ROWS,DIM,SEED, e.g. 100000,128,7")
+        body["synthetic"] = {"rows": rows, "dim": dim, "seed": seed}
+    elif args.request and args.request != "{}":
+        body["file"] = {"vectorsPath": os.path.abspath(args.request)}
+        if args.ids:
+            body["file"]["idsPath"] = os.path.abspath(args.ids)
+    else:
+        parser.error("load-table needs a .npy PATH or --synthetic ROWS,DIM,SEED")
+    return json.dumps(body)
 
 
 def fetch_item(channel: grpc.Channel, item_id: str, timeout: float, metadata):

@@ -24,8 +24,6 @@ from compute.errors import ComputeError, InvalidArgument, ResourceExhausted
 from offload import context
 
 GRPC_DETAILS_KEY = "grpc-status-details-bin"
-# Trailer of every unary response: the table generation that answered (compute/tables.py).
-TABLE_GENERATION_KEY = "offload-table-generation"
 _CODE_VALUES = dict(code_pb2.Code.items())
 
 
@@ -106,7 +104,7 @@ class OperationServicer:
             ctx = request_context(grpc_context)
             deadline = wall_clock_deadline(grpc_context)
             # The generation the call starts on is the one it runs on (compute/runtime.py).
-            grpc_context.set_trailing_metadata(((TABLE_GENERATION_KEY, calls.generation),))
+            grpc_context.set_trailing_metadata(((context.TABLE_GENERATION_HEADER, calls.generation_text),))
             try:
                 if bound.inline:
                     return calls.answer_now(bound, request, ctx, deadline)

@@ -23,10 +23,12 @@ from gateway.http import Receive, send_bytes
 from gateway.json_codec import EncodeError
 from gateway.rest_call import RestCall
 from offload.client import CallError
+from offload.context import TABLE_GENERATION_HEADER
 
 log = logging.getLogger("gateway.endpoints")
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_TABLE_GENERATION = TABLE_GENERATION_HEADER.encode()
 DISCONNECT_WATCH_DELAY = 0.02  # seconds
 
 
@@ -67,7 +69,7 @@ async def serve_unary(call: RestCall, message: Any, timeout: float) -> int:
     assert task is not None
     watch = DisconnectWatch(call.receive, task)
     try:
-        response = await call.compute.unary(route)(message, timeout=timeout, ctx=call.ctx)
+        response, generation = await call.compute.unary(route).with_generation(message, timeout=timeout, ctx=call.ctx)
     except CallError as exc:
         raise from_call_error(exc) from exc
     except asyncio.CancelledError:
@@ -86,6 +88,8 @@ async def serve_unary(call: RestCall, message: Any, timeout: float) -> int:
     if route.response_body:
         payload = payload.get(route.response_body_json)
     out_headers = [(b"x-request-id", call.ctx.request_id.encode())]
+    if generation is not None:
+        out_headers.append((_TABLE_GENERATION, str(generation).encode()))
     location = route.location_for(response)
     if location is not None:
         out_headers.append((b"location", location.encode()))

@@ -84,7 +84,7 @@ class RestFrontend:
                     "content-type", "authorization", "x-api-key", "x-request-id", "x-request-timeout",
                     "last-event-id", "traceparent", "tracestate",
                 ],
-                expose_headers=["x-request-id", "retry-after", "location", "www-authenticate"],
+                expose_headers=["x-request-id", "retry-after", "location", "www-authenticate", context.TABLE_GENERATION_HEADER],
                 max_age=600,
             )
         # Per-RPC metric children, resolved once (labels() costs a lock and a dict lookup).

@@ -151,7 +151,8 @@ class CallBatcher:
 
     def submit(self, method: str, payload: bytes, deadline: float | None, request_id: str = "",
                traceparent: str = "", tracestate: str = "", principal: str = "") -> asyncio.Future | None:
-        """A future for the call's serialized response, or None when the call alone is bigger
+        """A future for the call's `BatchedResult` (its serialized `response`, and the
+        `table_generation` that answered), or None when the call alone is bigger
         than a batch may be (send it plain)."""
         size = len(payload) + len(method) + len(request_id) + len(traceparent) + len(tracestate) + len(principal) + _CALL_FRAMING
         if size > self.max_bytes:
@@ -250,7 +251,7 @@ class CallBatcher:
             if result.HasField("status") and result.status.code != code_pb2.OK:
                 q.future.set_exception(CallError.from_status(result.status))
             else:
-                q.future.set_result(result.response)
+                q.future.set_result(result)
 
     async def close(self) -> None:
         self.flush()

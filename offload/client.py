@@ -38,6 +38,7 @@ from offload.batcher import BATCH_REFUSED, RESPONSE_TOO_LARGE_FOR_BATCH, BatchOb
 from offload.context import (
     PRINCIPAL_HEADER,
     REQUEST_ID_HEADER,
+    TABLE_GENERATION_HEADER,
     TRACEPARENT_HEADER,
     TRACESTATE_HEADER,
     RequestContext,
@@ -71,6 +72,17 @@ def metadata(ctx: RequestContext | None) -> tuple[tuple[str, str], ...]:
     return md
 
 
+def _generation(trailers: Any) -> int | None:
+    """The `offload-table-generation` trailer of a unary call (compute/servicer.py), or None."""
+    for key, value in trailers or ():
+        if key == TABLE_GENERATION_HEADER:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before compute answered"))
@@ -90,27 +102,34 @@ class UnaryMethod:
 
     async def __call__(self, request: Any, *, timeout: float | None = None, ctx: RequestContext | None = None) -> Any:
         """The response message; raises CallError. `timeout` in seconds (None: no deadline)."""
+        return (await self.with_generation(request, timeout=timeout, ctx=ctx, _want_generation=False))[0]
+
+    async def with_generation(
+        self, request: Any, *, timeout: float | None = None, ctx: RequestContext | None = None, _want_generation: bool = True
+    ) -> tuple[Any, int | None]:
+        """(the response message, the table generation that answered it: compute's
+        `offload-table-generation`; None if compute did not say). Raises CallError."""
         channel = self._channel
         batcher = channel._batcher
         if batcher is None or self.path not in channel._batched:
-            return await self._call_plain(request, timeout, ctx)
+            return await self._call_plain(request, timeout, ctx, _want_generation)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
-            response = await self._batched(batcher, request.SerializeToString(), deadline, ctx)
+            result = await self._batched(batcher, request.SerializeToString(), deadline, ctx)
         except CallError as exc:
             # Alone it may work: a refused batch ran nothing; a response too big to share the
             # reply ran once already, so only an idempotent call may run again.
             if not (exc.reason == BATCH_REFUSED or (exc.reason == RESPONSE_TOO_LARGE_FOR_BATCH and self.idempotent)):
                 raise
-            response = None
-        if response is None:  # too big to share an RPC: alone, as a unary call
+            result = None
+        if result is None:  # too big to share an RPC: alone, as a unary call
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            return await self._call_plain(request, remaining, ctx)
-        return self._response_cls.FromString(response)
+            return await self._call_plain(request, remaining, ctx, _want_generation)
+        return self._response_cls.FromString(result.response), result.table_generation or None
 
-    async def _batched(self, batcher: CallBatcher, payload: bytes, deadline: float | None, ctx: RequestContext | None) -> bytes | None:
-        """The serialized response, or None if the call is too big for a batch."""
+    async def _batched(self, batcher: CallBatcher, payload: bytes, deadline: float | None, ctx: RequestContext | None) -> Any:
+        """The call's BatchedResult, or None if the call is too big for a batch."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
@@ -145,10 +164,13 @@ class UnaryMethod:
             return None
         return delay
 
-    async def _call_plain(self, request: Any, timeout: float | None, ctx: RequestContext | None) -> Any:
+    async def _call_plain(
+        self, request: Any, timeout: float | None, ctx: RequestContext | None, want_generation: bool
+    ) -> tuple[Any, int | None]:
         try:
             call = self._plain(request, timeout=timeout, metadata=metadata(ctx), wait_for_ready=False)
-            return await call
+            response = await call
+            return response, (_generation(await call.trailing_metadata()) if want_generation else None)
         except grpc.aio.AioRpcError as exc:
             raise CallError.from_rpc_error(exc) from None
         except grpc.aio.UsageError:

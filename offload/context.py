@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 REQUEST_ID_HEADER = "x-request-id"
+# compute's trailer on every unary response (and the gateway's HTTP header): the table
+# generation that answered (compute/tables.py).
+TABLE_GENERATION_HEADER = "offload-table-generation"
 TRACEPARENT_HEADER = "traceparent"
 TRACESTATE_HEADER = "tracestate"
 PRINCIPAL_HEADER = "x-offload-principal"  # gateway -> compute: the caller's API key id

@@ -8,7 +8,10 @@ must equal its generation's answer exactly, whichever generation its trailer nam
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 from compute.search import top_k
 from compute.table import synthetic_arrays
 from offload.v1 import compute_pb2, compute_pb2_grpc, jobs_pb2, search_pb2
-from tests.conftest import kill_orphans, metric_sample, wait_until
+from tests.conftest import ROOT, kill_orphans, metric_sample, wait_until
 
 ROWS, DIM = 20_000, 16
 GENERATION_KEY = "offload-table-generation"
@@ -333,3 +336,26 @@ def test_table_watch_loads_the_file_again_when_it_is_replaced(compute_factory, t
     wait_until(lambda: generations_in_shm(compute) == {2}, 10, message="generation 1 gone")
     state = json.loads(Path(compute.env["OFFLOAD_COMPUTE_JOBS_DB_PATH"]).with_suffix(".table.json").read_text())
     assert state["generation"] == 2 and state["source"] == {"file": {"vectors_path": str(path), "ids_path": ""}}
+
+
+def test_the_cli_loads_a_table_given_by_a_path_relative_to_the_callers_directory(compute_factory, tables_dir):
+    compute = compute_factory(rows=2000, dim=8, table_load_dirs=[str(tables_dir)])
+    path, _ = write_table(tables_dir, "next.npy", 2500, 8, seed=3)
+    (tables_dir / "next.txt").write_text("".join(f"doc-{n}\n" for n in range(2500)))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "compute.client", "--address", compute.address, "load-table", *args],
+            cwd=tables_dir.parent, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        )
+
+    loaded = cli("tables/next.npy", "--ids", "tables/next.txt")
+    assert loaded.returncode == 0, loaded.stderr
+    reply = json.loads(loaded.stdout)
+    assert reply["table"]["generation"] == "2" and reply["table"]["source"] == f"{path} (ids {tables_dir / 'next.txt'})"
+    assert service(compute).GetItem(compute_pb2.GetItemRequest(id="doc-2499"), timeout=5).id == "doc-2499"
+    synthetic = cli("--synthetic", "3000,8,1")
+    assert synthetic.returncode == 0 and json.loads(synthetic.stdout)["table"]["rows"] == "3000"
+    refused = cli("--synthetic", "3000,9,1")
+    assert refused.returncode == 1 and refused.stderr.startswith("FAILED_PRECONDITION: the new table has dimension 9")
+    assert cli().returncode == 2  # no source: a usage error
