@@ -57,6 +57,20 @@ def _internals(executor: ProcessPoolExecutor | None) -> tuple[dict[int, Any], bo
     return dict(getattr(executor, "_processes", None) or {}), bool(getattr(executor, "_broken", False))
 
 
+async def _created(future: asyncio.Future) -> ProcessPoolExecutor:
+    """The executor `future` builds in a thread. If we are cancelled first (stop() during a
+    rebuild), the thread still finishes building it: it is shut down then, not left running."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def shut(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().shutdown(wait=False, cancel_futures=True)
+
+        future.add_done_callback(shut)
+        raise
+
+
 class ExecutorSupervisor:
     """`await start()` once, `submit()` many times, `await stop()` once (idempotent)."""
 
@@ -94,7 +108,9 @@ class ExecutorSupervisor:
         self.healthy = True
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="offload-pool-watch")
 
-    async def stop(self) -> None:
+    async def stop(self, *, cancel_queued: bool = True) -> None:
+        """Shut the workers down once their running tasks end. `cancel_queued`: tasks not yet
+        handed to a worker are cancelled (False: they run first)."""
         self._stopping = True
         self.healthy = False
         for task in (self._rebuild_task, self._watch_task):
@@ -102,7 +118,7 @@ class ExecutorSupervisor:
                 task.cancel()
         executor, self._executor = self._executor, None
         if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=cancel_queued)
 
     def worker_pids(self) -> list[int]:
         return sorted(_internals(self._executor)[0])
@@ -182,7 +198,7 @@ class ExecutorSupervisor:
             started = time.perf_counter()
             while not self._stopping:
                 try:
-                    self._executor = await asyncio.to_thread(self._create)
+                    self._executor = await _created(asyncio.ensure_future(asyncio.to_thread(self._create)))
                     break
                 except Exception:  # a worker that failed to start or ping: try again, later
                     log.exception("pool rebuild failed; retrying")

@@ -220,7 +220,9 @@ class HealingPool:
     async def _retire(self, generation: _Generation) -> None:
         # A call that gave up may still have its task running (its flag is raised): shutdown
         # waits for it, so the segments outlive every task that maps them.
-        await generation.supervisor.stop()
+        # Not cancel_queued: a task submitted for the last call just before retirement began
+        # would be cancelled under its slot (its call's flag is raised: it ends at once anyway).
+        await generation.supervisor.stop(cancel_queued=False)
         del self._generations[generation.spec.generation]
         self._retired_rebuilds += generation.supervisor.rebuilds
         log.info("table generation retired", extra={"generation": generation.spec.generation})
@@ -379,9 +381,12 @@ class HealingPool:
             for call, meta in zip(live, metas):
                 call.flags.discard(meta.flag)
                 _fail(call, exc if isinstance(exc, Exception) else Unavailable(RESTARTING))
-            if not isinstance(exc, Exception):
-                raise
-            return
+            # The task's future cancelled by its executor's shutdown (a pool stopping or a
+            # generation retiring), not this slot: the slot goes on.
+            slot_cancelled = (task := asyncio.current_task()) is not None and task.cancelling() > 0
+            if isinstance(exc, Exception) or (isinstance(exc, asyncio.CancelledError) and not slot_cancelled):
+                return
+            raise
         outcome = timed.value
         if batch.segment is None and len(live) == 1:
             outcome = [outcome]

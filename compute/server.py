@@ -214,6 +214,8 @@ class ComputeServer:
         await self._set_health(NOT_SERVING)
         if self.jobs is not None:
             self.jobs.drain()  # end watch streams now, or they would hold the whole grace period
+        if self.tables is not None:
+            await self.tables.stop_loading()  # a load under way stops and removes its segments
         if self._server is not None:
             # New calls are refused at once; in-flight calls get `grace` seconds.
             await self._server.stop(grace)
@@ -221,8 +223,6 @@ class ComputeServer:
             await self._health_server.stop(0)
         if self.jobs is not None:
             await self.jobs.stop()  # before the pool: running chunks are stopped, their jobs requeued
-        if self.tables is not None:
-            await self.tables.stop_watching()
         if self.pool is not None:
             await self.pool.stop()
         if self.tables is not None:

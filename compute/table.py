@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -26,6 +26,10 @@ log = logging.getLogger("compute.table")
 # random stream so the synthetic table depends only on (rows, dim, seed).
 FILL_CHUNK_ROWS = 65536
 MAX_ID_BYTES = 256
+
+
+class LoadCancelled(Exception):
+    """A load was asked to stop (compute is shutting down); nothing of it is left."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +131,15 @@ class EmbeddingTable:
         return cls.load(directory, plan(TableSource(vectors_path, ids_path, rows, dim, seed)), generation)
 
     @classmethod
-    def load(cls, directory: Path, planned: TablePlan, generation: int) -> "EmbeddingTable":
+    def load(
+        cls, directory: Path, planned: TablePlan, generation: int, stop: Callable[[], bool] = lambda: False
+    ) -> "EmbeddingTable":
         """Create generation `generation`'s segments and fill them from a planned source.
 
         Every byte is reserved up front (shm.create), so a full /dev/shm is an OSError here,
         never a SIGBUS while copying. Raises ValueError for bad data (NaN, a zero vector,
-        duplicate ids); nothing is left behind on any error.
+        duplicate ids), LoadCancelled once `stop()` says so (asked between blocks); nothing
+        is left behind on any error.
         """
         started = time.perf_counter()
         source, rows, dim = planned.source, planned.rows, planned.dim
@@ -155,9 +162,9 @@ class EmbeddingTable:
             order_array[:] = order
             del order
             if source.vectors_path is not None:
-                _copy_normalised(_npy_blocks(source.vectors_path, rows), vectors)
+                _copy_normalised(_npy_blocks(source.vectors_path, rows), vectors, stop)
             else:
-                _fill_synthetic(vectors, source.seed)
+                _fill_synthetic(vectors, source.seed, stop)
         except BaseException:
             for spec in created:
                 shm.unlink(spec)
@@ -240,19 +247,38 @@ def _synthetic_ids(rows: int) -> np.ndarray:
 
 
 def _load_ids(path: Path, rows: int) -> np.ndarray:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """One id per line (UTF-8). Kept as bytes from the file on, and put into the array a block
+    at a time: numpy's conversion of a list holds the GIL throughout, and a load runs in a
+    thread next to the serving loop (30M ids at once would stall it for seconds)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the last line's newline
     if len(lines) != rows:
         raise ValueError(f"{path}: {len(lines)} ids for {rows} vectors")
-    encoded = [line.encode("utf-8") for line in lines]
-    for number, value in enumerate(encoded, start=1):
+    del data
+    width = 1
+    for number, value in enumerate(lines, start=1):
+        if value.endswith(b"\r"):
+            value = lines[number - 1] = value[:-1]
         if not value or len(value) > MAX_ID_BYTES or b"\0" in value:
             raise ValueError(f"{path}:{number}: ids must be 1..{MAX_ID_BYTES} bytes without NUL")
-    return np.array(encoded, dtype="S")
+        width = max(width, len(value))
+    ids = np.empty(rows, dtype=f"S{width}")
+    for start in range(0, rows, FILL_CHUNK_ROWS):
+        ids[start : start + FILL_CHUNK_ROWS] = lines[start : start + FILL_CHUNK_ROWS]
+    return ids
 
 
-def _fill_synthetic(out: np.ndarray, seed: int) -> None:
+def _fill_synthetic(out: np.ndarray, seed: int, stop: Callable[[], bool] = lambda: False) -> None:
     rng = np.random.default_rng(seed)
     for start in range(0, out.shape[0], FILL_CHUNK_ROWS):
+        if stop():
+            raise LoadCancelled("the load was stopped")
         block = rng.standard_normal((min(FILL_CHUNK_ROWS, out.shape[0] - start), out.shape[1]), dtype=np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start : start + block.shape[0]] = block
@@ -297,27 +323,35 @@ def _npy_blocks(path: Path, rows: int) -> Iterator[np.ndarray]:
             yield block
 
 
-def _copy_normalised(blocks: Iterator[np.ndarray], out: np.ndarray) -> None:
-    """Each block's rows, divided by their norms, straight into `out`: no temporary the size of
-    a block (see _npy_blocks)."""
+def _copy_normalised(blocks: Iterator[np.ndarray], out: np.ndarray, stop: Callable[[], bool] = lambda: False) -> None:
+    """Each block's rows, divided by their norms, straight into `out`, with one scratch buffer
+    for all blocks (see _npy_blocks). The norms are np.linalg.norm's arithmetic exactly
+    (squares, then numpy's pairwise sum along the row): a file loads to the same float32 values
+    whatever the version of this loop."""
     start = 0
+    scratch = None
     for raw in blocks:
-        stop = start + raw.shape[0]
-        target = out[start:stop]
+        if stop():
+            raise LoadCancelled("the load was stopped")
+        end = start + raw.shape[0]
+        target = out[start:end]
         if raw.dtype == np.float32:
             block = raw
         else:
             target[:] = raw  # the conversion lands in place
             block = target
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+        if scratch is None or scratch.shape[0] < block.shape[0]:
+            scratch = np.empty_like(block)
+        squares = np.multiply(block, block, out=scratch[: block.shape[0]])
+        norms = np.sqrt(np.add.reduce(squares, axis=1, keepdims=True))
         if not np.isfinite(norms).all():
             if not np.isfinite(block).all():
-                raise ValueError(f"vectors file has NaN/Inf in rows {start}..{stop - 1}")
+                raise ValueError(f"vectors file has NaN/Inf in rows {start}..{end - 1}")
             norms = np.linalg.norm(block.astype(np.float64), axis=1, keepdims=True)  # huge values: no overflow
         if (norms == 0).any():
             raise ValueError(f"vectors file has a zero vector near row {start}: cosine similarity is undefined")
         np.divide(block, norms, out=target, casting="unsafe")
-        start = stop
+        start = end
 
 
 def normalised_query(values, dim: int) -> np.ndarray:

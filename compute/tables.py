@@ -39,7 +39,7 @@ from compute import shm
 from compute.errors import Aborted, ComputeError, FailedPrecondition, InvalidArgument, Unavailable
 from compute.pool import HealingPool
 from compute.settings import ComputeSettings
-from compute.table import EmbeddingTable, TablePlan, TableSource, plan
+from compute.table import EmbeddingTable, LoadCancelled, TablePlan, TableSource, plan
 
 log = logging.getLogger("compute.tables")
 
@@ -69,14 +69,20 @@ class TableManager:
 
     def __init__(self, settings: ComputeSettings) -> None:
         self.settings = settings
-        self.configured = TableSource(settings.vectors_path, settings.ids_path, settings.rows, settings.dim, settings.seed)
+        self.configured = (
+            TableSource(settings.vectors_path, settings.ids_path) if settings.vectors_path is not None
+            else TableSource(rows=settings.rows, dim=settings.dim, seed=settings.seed)
+        )  # fmt: skip
         self.state_path = settings.effective_table_state_path
         self.table: EmbeddingTable | None = None
-        self._tables: dict[int, EmbeddingTable] = {}  # generation -> table, until its segments are unlinked
+        self.source = self.configured  # of the table serving now
+        # generation -> table, from its load until its segments are unlinked. Changed on the
+        # loop only (the metrics thread reads a copy).
+        self._tables: dict[int, EmbeddingTable] = {}
         self._pool: HealingPool | None = None
         self._on_switch: Callable[[EmbeddingTable], None] = lambda table: None
-        self.source = self.configured  # of the table serving now
-        self._lock = asyncio.Lock()
+        self._load_task: asyncio.Task[EmbeddingTable] | None = None
+        self._stopping = threading.Event()  # read by the loader thread between blocks
         self._watcher: asyncio.Task[None] | None = None
         self._source_changed = asyncio.Event()
         self._loaded_at = 0.0
@@ -84,7 +90,7 @@ class TableManager:
         self._last_error = ""
         self.loads = {"ok": 0, "failed": 0}
 
-    # -- start-up ---------------------------------------------------------------------------
+    # -- start-up and shutdown ----------------------------------------------------------------
 
     async def start(self) -> EmbeddingTable:
         """Build the first table: the state file's source, or the settings' (see the module doc)."""
@@ -95,7 +101,7 @@ class TableManager:
         if state and TableSource.from_json(state["configured"]) == self.configured:
             source = TableSource.from_json(state["source"])
         try:
-            table = await asyncio.to_thread(self._build, plan(source), generation)
+            table = await asyncio.to_thread(_plan_and_load, self.settings.shm_dir, source, generation)
         except (OSError, ValueError) as exc:
             if source == self.configured:
                 raise
@@ -104,7 +110,8 @@ class TableManager:
                 extra={"source": source.describe(), "error": str(exc), "configured": self.configured.describe()},
             )
             source = self.configured
-            table = await asyncio.to_thread(self._build, plan(source), generation)
+            table = await asyncio.to_thread(_plan_and_load, self.settings.shm_dir, source, generation)
+        self._tables[generation] = table
         self._serve(table, source, time.perf_counter() - started)
         self._write_state(source)
         return table
@@ -115,15 +122,28 @@ class TableManager:
         self._on_switch = on_switch
         pool.on_retired = self._retired
 
-    def start_watching(self) -> None:
-        """`table_watch`: load the serving source's files again whenever they change."""
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="offload-table-watch")
-
-    async def stop_watching(self) -> None:
+    async def stop_loading(self) -> None:
+        """Shutdown, first step: no new load; a load under way stops at its next block and
+        removes what it built (its caller gets UNAVAILABLE); the file watch ends."""
+        self._stopping.set()
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
+        if self._load_task is not None:
+            await asyncio.gather(self._load_task, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Shutdown, last step (the pool has stopped): unlink every generation's segments."""
+        for table in list(self._tables.values()):
+            table.unlink()
+        self._tables.clear()
+
+    # -- watching the files ---------------------------------------------------------------------
+
+    def start_watching(self) -> None:
+        """`table_watch`: load the serving source's files again whenever they change."""
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="offload-table-watch")
 
     async def _watch(self) -> None:
         from watchfiles import awatch  # imported only when watching
@@ -148,12 +168,6 @@ class TableManager:
                 except ComputeError:
                     pass  # logged by the load; the current table serves on, the next change tries again
 
-    def stop(self) -> None:
-        """Unlink every generation's segments (the pool has stopped)."""
-        for table in self._tables.values():
-            table.unlink()
-        self._tables.clear()
-
     # -- a load -----------------------------------------------------------------------------
 
     async def load(self, source: TableSource, *, allow_dimension_change: bool = False) -> EmbeddingTable:
@@ -164,51 +178,66 @@ class TableManager:
         (the new workers could not start, or compute is stopping). The current table serves
         on, untouched, whatever happens. A caller that goes away does not stop the load.
         """
-        if self._lock.locked():
+        if self._stopping.is_set():
+            raise Unavailable("compute is shutting down; load the table on the next one")
+        if self.loading:
             raise Aborted("another table load is under way; retry when it is done")
+        self._load_task = asyncio.get_running_loop().create_task(
+            self._load(source, allow_dimension_change), name="offload-table-load"
+        )
         # Shielded: the load goes on if the caller disconnects, so the switch is all or nothing.
-        return await asyncio.shield(asyncio.ensure_future(self._load(source, allow_dimension_change)))
+        return await asyncio.shield(self._load_task)
+
+    @property
+    def loading(self) -> bool:
+        return self._load_task is not None and not self._load_task.done()
 
     async def _load(self, source: TableSource, allow_dimension_change: bool) -> EmbeddingTable:
-        async with self._lock:
-            started = time.perf_counter()
-            current = self.table
-            assert current is not None and self._pool is not None, "start() and attach() first"
-            generation = current.spec.generation + 1
-            log.info("table load started", extra={"generation": generation, "source": source.describe()})
+        started = time.perf_counter()
+        current = self.table
+        assert current is not None and self._pool is not None, "start() and attach() first"
+        generation = current.spec.generation + 1
+        log.info("table load started", extra={"generation": generation, "source": source.describe()})
+        table = None
+        try:
+            planned = await _in_low_priority_thread(self._check, source, current, allow_dimension_change)
             try:
-                planned = await asyncio.to_thread(self._check, source, current, allow_dimension_change)
-                try:
-                    table = await _in_low_priority_thread(self._build, planned, generation)
-                except OSError as exc:  # ENOSPC: another process took the room since the check
-                    raise FailedPrecondition(f"shared memory ran out while copying the new table ({exc.strerror}); "
-                                             "the current table keeps serving") from None  # fmt: skip
-                except ValueError as exc:  # the data itself: NaN, a zero vector, duplicate ids
-                    raise _source_error(exc, source) from None
-                try:
-                    await self._pool.switch(table.spec)
-                except Exception as exc:
-                    table.unlink()
-                    del self._tables[generation]
-                    raise Unavailable(f"the new table's pool workers did not start ({exc}); the current table serves on") from exc
+                table = await _in_low_priority_thread(
+                    EmbeddingTable.load, self.settings.shm_dir, planned, generation, self._stopping.is_set
+                )
+            except OSError as exc:  # ENOSPC: another process took the room since the check
+                raise FailedPrecondition(f"shared memory ran out while copying the new table ({exc.strerror}); "
+                                         "the current table keeps serving") from None  # fmt: skip
+            except ValueError as exc:  # the data itself: NaN, a zero vector, duplicate ids
+                raise _source_error(exc, source) from None
+            except LoadCancelled:
+                raise Unavailable("compute is shutting down: the load was stopped; load the table on the next one") from None
+            self._tables[generation] = table
+            try:
+                await self._pool.switch(table.spec)
             except Exception as exc:
-                self.loads["failed"] += 1
-                self._last_error = getattr(exc, "message", None) or str(exc)
-                log.warning("table load failed; the current table serves on", extra={"generation": generation, "error": self._last_error})
-                raise
-            self._serve(table, source, time.perf_counter() - started)
-            self.loads["ok"] += 1
-            self._last_error = ""
-            await asyncio.to_thread(self._write_state, source)
-            log.info(
-                "table switched",
-                extra={"generation": generation, "previous": current.spec.generation, "source": table.spec.source,
-                       "rows": table.rows, "dim": table.dim, "seconds": round(self._load_seconds, 3)},
-            )  # fmt: skip
-            return table
+                raise Unavailable(f"the new table's pool workers did not start ({exc}); the current table serves on") from exc
+        except BaseException as exc:
+            if table is not None:  # built, not switched to: it goes
+                self._tables.pop(generation, None)
+                table.unlink()
+            self.loads["failed"] += 1
+            self._last_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            log.warning("table load failed; the current table serves on", extra={"generation": generation, "error": self._last_error})
+            raise
+        self._serve(table, source, time.perf_counter() - started)
+        self.loads["ok"] += 1
+        self._last_error = ""
+        await asyncio.to_thread(self._write_state, source)
+        log.info(
+            "table switched",
+            extra={"generation": generation, "previous": current.spec.generation, "source": table.spec.source,
+                   "rows": table.rows, "dim": table.dim, "seconds": round(self._load_seconds, 3)},
+        )  # fmt: skip
+        return table
 
     def _check(self, source: TableSource, current: EmbeddingTable, allow_dimension_change: bool) -> TablePlan:
-        """Everything that can be checked before copying (runs in a thread: reads the ids file)."""
+        """Everything that can be checked before copying (runs in the loader thread: reads the ids)."""
         for field, path in _fields(source):
             if path is not None and not self._allowed(path):
                 raise InvalidArgument(
@@ -217,16 +246,21 @@ class TableManager:
                 )
         # The header first (cheap): the dimension and the room needed, before reading any ids.
         planned = self._plan(source, read_ids=False)
+        self._check_dimension(planned, current, allow_dimension_change)
+        self._check_room(planned)
+        if source.ids_path is not None:
+            planned = self._plan(source)  # reads the header again: the file may have been replaced meanwhile
+            self._check_dimension(planned, current, allow_dimension_change)
+            self._check_room(planned)  # again, with the ids' real width
+        return planned
+
+    @staticmethod
+    def _check_dimension(planned: TablePlan, current: EmbeddingTable, allow_dimension_change: bool) -> None:
         if planned.dim != current.dim and not allow_dimension_change:
             raise FailedPrecondition(
                 f"the new table has dimension {planned.dim}, the current one {current.dim}: calls in flight and "
                 "clients use the current dimension; set allow_dimension_change to switch anyway"
             )
-        self._check_room(planned)
-        if source.ids_path is not None:
-            planned = self._plan(source)
-            self._check_room(planned)  # again, with the ids' real width
-        return planned
 
     @staticmethod
     def _plan(source: TableSource, read_ids: bool = True) -> TablePlan:
@@ -252,11 +286,6 @@ class TableManager:
 
     # -- generations --------------------------------------------------------------------------
 
-    def _build(self, planned: TablePlan, generation: int) -> EmbeddingTable:
-        table = EmbeddingTable.load(self.settings.shm_dir, planned, generation)
-        self._tables[generation] = table
-        return table
-
     def _serve(self, table: EmbeddingTable, source: TableSource, load_seconds: float) -> None:
         self.table = table
         if source != self.source:
@@ -277,8 +306,8 @@ class TableManager:
         assert self.table is not None
         current = self.table.spec.generation
         return TableStatus(
-            self.table, self._loaded_at, self._load_seconds, self._lock.locked(), self._last_error,
-            sorted(g for g in self._tables if g != current),
+            self.table, self._loaded_at, self._load_seconds, self.loading, self._last_error,
+            sorted(g for g in list(self._tables) if g < current),  # a copy: the metrics thread reads this too
         )
 
     # -- the state file -----------------------------------------------------------------------
@@ -317,6 +346,10 @@ class TableManager:
             os.replace(temporary, self.state_path)
         except OSError as exc:  # serving goes on; only a restart would fall back to an older source
             log.error("cannot write the table state file", extra={"path": str(self.state_path), "error": str(exc)})
+
+
+def _plan_and_load(directory: Path, source: TableSource, generation: int) -> EmbeddingTable:
+    return EmbeddingTable.load(directory, plan(source), generation)
 
 
 def _fields(source: TableSource) -> list[tuple[str, Path | None]]:

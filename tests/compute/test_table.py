@@ -140,3 +140,19 @@ def test_segments_have_owner_only_permissions(segdir):
         shm.create(segdir, "private", np.uint8, (16,))
     shm.unlink(spec)
     shm.unlink(spec)  # idempotent
+
+
+def test_ids_files_with_crlf_lines_or_no_final_newline_load_the_same(tmp_path, segdir):
+    vectors = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float32)
+    vectors_path = tmp_path / "vectors.npy"
+    np.save(vectors_path, vectors)
+    for name, text in (("crlf.txt", b"a\r\nbb\r\nc\xc3\xa9\r\n"), ("bare.txt", b"a\nbb\nc\xc3\xa9")):
+        (tmp_path / name).write_bytes(text)
+        table = build_from(segdir, vectors_path, tmp_path / name)
+        try:
+            assert [table.id_at(row) for row in range(3)] == ["a", "bb", "cé"] and table.row_of("cé") == 2
+        finally:
+            table.unlink()
+    (tmp_path / "latin1.txt").write_bytes(b"a\nb\n\xe9\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        build_from(segdir, vectors_path, tmp_path / "latin1.txt")

@@ -23,6 +23,7 @@ import pytest
 
 from compute.search import top_k
 from compute.table import synthetic_arrays
+from offload.testing.v1 import testing_pb2, testing_pb2_grpc
 from offload.v1 import compute_pb2, compute_pb2_grpc, jobs_pb2, search_pb2
 from tests.conftest import ROOT, kill_orphans, metric_sample, wait_until
 
@@ -42,8 +43,12 @@ def load_file(compute, path: Path, **options) -> compute_pb2.LoadTableResponse:
     return load(compute, file=compute_pb2.NpyTableSource(vectors_path=str(path)), **options)
 
 
+def stats_of(compute) -> compute_pb2.Stats:
+    return service(compute).GetStats(compute_pb2.GetStatsRequest(), timeout=10)
+
+
 def stats(compute) -> compute_pb2.CacheStats:
-    return service(compute).GetStats(compute_pb2.GetStatsRequest(), timeout=10).cache
+    return stats_of(compute).cache
 
 
 def segments(compute) -> list[str]:
@@ -309,7 +314,15 @@ def test_a_job_records_the_generation_of_each_chunk(compute_factory, tables_dir)
         return service(compute).GetJob(jobs_pb2.GetJobRequest(id=job.id), timeout=10).progress.done
 
     wait_until(lambda: done() >= 8, 60, message="a few chunks done on generation 1")
+    # Both workers busy with interactive calls (which go first): the job waits while the table
+    # is swapped, whatever the speed of this machine.
+    testing = testing_pb2_grpc.TestingServiceStub(compute.channel())
+    spins = [testing.Spin.future(testing_pb2.SpinRequest(seconds=2.0), timeout=30) for _ in range(2)]
+    wait_until(lambda: stats_of(compute).pool.busy == 2 and stats_of(compute).pool.queued >= 1, 10,
+               message="the job's next chunk waiting behind the Spins")  # fmt: skip
+    before_swap = done()
     load_file(compute, second_path)
+    assert done() <= before_swap + 1 and [spin.result().pid for spin in spins]
     wait_until(lambda: service(compute).GetJob(jobs_pb2.GetJobRequest(id=job.id), timeout=10).state == jobs_pb2.SUCCEEDED,
                120, message="the job done")  # fmt: skip
     final = service(compute).GetJob(jobs_pb2.GetJobRequest(id=job.id, result_limit=1000), timeout=10)
@@ -359,3 +372,54 @@ def test_the_cli_loads_a_table_given_by_a_path_relative_to_the_callers_directory
     refused = cli("--synthetic", "3000,9,1")
     assert refused.returncode == 1 and refused.stderr.startswith("FAILED_PRECONDITION: the new table has dimension 9")
     assert cli().returncode == 2  # no source: a usage error
+
+
+def test_a_compute_configured_with_a_file_restarts_on_the_file_it_last_loaded(compute_factory, tables_dir):
+    first, _ = write_table(tables_dir, "first.npy", 1000, 8, seed=1)
+    second, vectors = write_table(tables_dir, "second.npy", 1500, 8, seed=2)
+    compute = compute_factory(vectors_path=str(first))
+    assert load_file(compute, second).table.generation == 2
+    compute.stop()
+    compute.start()
+    cache = stats(compute)
+    assert (cache.source, cache.rows, cache.generation) == (str(second), 1500, 3)
+    reply = service(compute).GetItem(compute_pb2.GetItemRequest(id="item-1400"), timeout=5)
+    np.testing.assert_array_equal(np.array(reply.vector, np.float32), vectors[1400])
+
+
+def test_sigterm_during_a_load_stops_it_and_leaves_nothing(compute_factory):
+    compute = compute_factory(rows=2000, dim=8)
+    channel = grpc.insecure_channel(compute.address)  # its own: compute.stop() closes the fixture's
+    pending = compute_pb2_grpc.ComputeServiceStub(channel).LoadTable.future(
+        compute_pb2.LoadTableRequest(synthetic=compute_pb2.SyntheticTableSource(rows=20_000_000, dim=8, seed=1)), timeout=120
+    )
+    wait_until(lambda: 2 in generations_in_shm(compute), 30, message="generation 2 being copied")
+    started = time.monotonic()
+    assert compute.stop() == 0
+    assert time.monotonic() - started < 8, "the load stopped at its next block, it did not run to its end"
+    with pytest.raises(grpc.RpcError) as caught:
+        pending.result()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "the load was stopped" in caught.value.details()
+    channel.close()
+    assert segments(compute) == [], "the stopped load's segments were removed"
+
+
+def test_old_generation_workers_killed_while_their_calls_run(compute_factory):
+    compute = compute_factory(rows=2000, dim=8, rebuild_backoff_seconds=0.05)
+    testing = testing_pb2_grpc.TestingServiceStub(compute.channel())
+    spins = [testing.Spin.future(testing_pb2.SpinRequest(seconds=3.0), timeout=30) for _ in range(2)]
+    wait_until(lambda: stats_of(compute).pool.busy == 2, 10, message="both workers spinning on generation 1")
+    old_workers = compute.worker_pids()
+    load(compute, synthetic=compute_pb2.SyntheticTableSource(rows=3000, dim=8, seed=2))
+    assert stats(compute).retiring_generations == [1]  # its Spins still run
+    for pid in old_workers:
+        psutil.Process(pid).send_signal(signal.SIGKILL)
+    for spin in spins:
+        with pytest.raises(grpc.RpcError) as caught:
+            spin.result()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_until(lambda: stats(compute).retiring_generations == [] and generations_in_shm(compute) == {2}, 15,
+               message="generation 1 retired")  # fmt: skip
+    wait_until(lambda: len(compute.worker_pids()) == 2, 15, message="only generation 2's two workers")
+    assert not set(compute.worker_pids()) & set(old_workers)
+    assert testing.Spin(testing_pb2.SpinRequest(seconds=0.01), timeout=10).pid in compute.worker_pids()
