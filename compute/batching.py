@@ -97,7 +97,7 @@ class BatchingServicer:
         reply = batching_pb2.DispatchResponse()
         # Inline items are answered now, on the table serving now; awaited ones each say theirs.
         generation = self._calls.generation
-        results = [reply.results.add(table_generation=generation) for _ in items]
+        results = [reply.results.add() for _ in items]
         encoded: list[bytes | None] = [None] * len(items)
         pending: dict[asyncio.Task, int] = {}
         now = time.time()
@@ -123,6 +123,7 @@ class BatchingServicer:
                 try:
                     # The class's own serializer checks the response type, as the unary handler's does.
                     encoded[index] = bound.response_cls.SerializeToString(calls.answer_now(bound, message, ctx, deadline))
+                    results[index].table_generation = generation
                 except ComputeError as exc:
                     _fail(results[index], exc)
                 except Exception as exc:

@@ -104,7 +104,7 @@ class ExecutorSupervisor:
         """Returns when every worker answered a ping."""
         if self._executor is not None:
             raise RuntimeError("pool already started")
-        self._executor = await asyncio.to_thread(self._create)
+        self._executor = await _created(asyncio.ensure_future(asyncio.to_thread(self._create)))
         self.healthy = True
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="offload-pool-watch")
 

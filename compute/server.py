@@ -226,7 +226,7 @@ class ComputeServer:
         if self.pool is not None:
             await self.pool.stop()
         if self.tables is not None:
-            self.tables.stop()
+            await self.tables.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         if self._metrics_httpd is not None:

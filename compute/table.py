@@ -25,6 +25,7 @@ log = logging.getLogger("compute.table")
 # Rows produced per step when filling the table: bounds temporary memory, and fixes the
 # random stream so the synthetic table depends only on (rows, dim, seed).
 FILL_CHUNK_ROWS = 65536
+ID_WINDOW_BYTES = 1 << 20  # an ids file is split this much at a time (see _load_ids)
 MAX_ID_BYTES = 256
 
 
@@ -144,6 +145,8 @@ class EmbeddingTable:
         started = time.perf_counter()
         source, rows, dim = planned.source, planned.rows, planned.dim
         ids = planned.ids if planned.ids is not None else _synthetic_ids(rows)
+        if stop():
+            raise LoadCancelled("the load was stopped")
         tag = f"g{generation}"
         created = []
         try:
@@ -156,7 +159,8 @@ class EmbeddingTable:
             created.append(vectors_spec)
             ids_array, ids_spec = shm.create(directory, f"{tag}-ids", ids.dtype, ids.shape)
             created.append(ids_spec)
-            ids_array[:] = ids
+            for start in range(0, rows, FILL_CHUNK_ROWS):  # numpy copies bytes strings holding the GIL: in blocks
+                ids_array[start : start + FILL_CHUNK_ROWS] = ids[start : start + FILL_CHUNK_ROWS]
             order_array, order_spec = shm.create(directory, f"{tag}-order", np.int64, (rows,))
             created.append(order_spec)
             order_array[:] = order
@@ -247,26 +251,33 @@ def _synthetic_ids(rows: int) -> np.ndarray:
 
 
 def _load_ids(path: Path, rows: int) -> np.ndarray:
-    """One id per line (UTF-8). Kept as bytes from the file on, and put into the array a block
-    at a time: numpy's conversion of a list holds the GIL throughout, and a load runs in a
-    thread next to the serving loop (30M ids at once would stall it for seconds)."""
+    """One id per line (UTF-8; lines end with \\n or \\r\\n). Kept as bytes from the file on, and
+    worked through a window of about 1 MiB at a time, then put into the array a block at a
+    time: each C call (decode, split, numpy's conversion) holds the GIL throughout, and a load
+    runs in a thread next to the serving loop (30M ids in one call would stall it for seconds)."""
     data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the last line's newline
+    size = len(data) - 1 if data.endswith(b"\n") else len(data)  # the last line's newline ends no line
+    lines: list[bytes] = []
+    start = 0
+    while start < size:
+        end = data.find(b"\n", start + ID_WINDOW_BYTES, size)  # a newline byte is never inside a UTF-8 character
+        end = size if end < 0 else end
+        window = data[start:end]
+        try:
+            window.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {start + exc.start})") from None
+        lines.extend(window.split(b"\n"))
+        start = end + 1
+    del data
     if len(lines) != rows:
         raise ValueError(f"{path}: {len(lines)} ids for {rows} vectors")
-    del data
     width = 1
     for number, value in enumerate(lines, start=1):
         if value.endswith(b"\r"):
             value = lines[number - 1] = value[:-1]
-        if not value or len(value) > MAX_ID_BYTES or b"\0" in value:
-            raise ValueError(f"{path}:{number}: ids must be 1..{MAX_ID_BYTES} bytes without NUL")
+        if not value or len(value) > MAX_ID_BYTES or b"\0" in value or b"\r" in value:
+            raise ValueError(f"{path}:{number}: ids must be 1..{MAX_ID_BYTES} bytes without NUL or carriage return")
         width = max(width, len(value))
     ids = np.empty(rows, dtype=f"S{width}")
     for start in range(0, rows, FILL_CHUNK_ROWS):

@@ -44,6 +44,7 @@ from compute.table import EmbeddingTable, LoadCancelled, TablePlan, TableSource,
 log = logging.getLogger("compute.tables")
 
 STATE_VERSION = 1
+STOPPED = "compute is shutting down: the load was stopped; load the table on the next one"
 # Left free in shm_dir besides the new table: the pool's control segment and semaphores, and
 # whatever else shares the filesystem.
 SHM_HEADROOM_BYTES = 16 << 20
@@ -123,18 +124,20 @@ class TableManager:
         pool.on_retired = self._retired
 
     async def stop_loading(self) -> None:
-        """Shutdown, first step: no new load; a load under way stops at its next block and
-        removes what it built (its caller gets UNAVAILABLE); the file watch ends."""
+        """Shutdown, first step: no new load, the file watch ends, and a load under way stops at
+        its next step (its caller gets UNAVAILABLE) and removes what it built. Not awaited here:
+        `stop()` waits for it, after the pool."""
         self._stopping.set()
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
+
+    async def stop(self) -> None:
+        """Shutdown, last step (the pool has stopped): the load under way has ended (it stops
+        between blocks of its copy), then every generation's segments are unlinked."""
         if self._load_task is not None:
             await asyncio.gather(self._load_task, return_exceptions=True)
-
-    def stop(self) -> None:
-        """Shutdown, last step (the pool has stopped): unlink every generation's segments."""
         for table in list(self._tables.values()):
             table.unlink()
         self._tables.clear()
@@ -163,10 +166,20 @@ class TableManager:
                 if not any(Path(path) in files for _, path in changes):
                     continue
                 log.info("the table's files changed; loading them again", extra={"source": source.describe()})
-                try:
-                    await self.load(source)
-                except ComputeError:
-                    pass  # logged by the load; the current table serves on, the next change tries again
+                await self._load_when_free(source)
+
+    async def _load_when_free(self, source: TableSource) -> None:
+        """Load `source`, after the load under way if there is one: a file published while an
+        older version of it loads must be loaded too."""
+        while source == self.source:  # else another source was loaded meanwhile: the watch moves to it
+            try:
+                await self.load(source)
+                return
+            except Aborted:
+                if self._load_task is not None:
+                    await asyncio.gather(self._load_task, return_exceptions=True)
+            except ComputeError:
+                return  # logged by the load; the current table serves on, the next change tries again
 
     # -- a load -----------------------------------------------------------------------------
 
@@ -182,15 +195,22 @@ class TableManager:
             raise Unavailable("compute is shutting down; load the table on the next one")
         if self.loading:
             raise Aborted("another table load is under way; retry when it is done")
-        self._load_task = asyncio.get_running_loop().create_task(
+        task = self._load_task = asyncio.get_running_loop().create_task(
             self._load(source, allow_dimension_change), name="offload-table-load"
         )
+        # Forgotten once done: a failed load's exception leads to its frames, which would keep
+        # the table it built mapped until the next load.
+        task.add_done_callback(self._load_done)
         # Shielded: the load goes on if the caller disconnects, so the switch is all or nothing.
-        return await asyncio.shield(self._load_task)
+        return await asyncio.shield(task)
+
+    def _load_done(self, task: asyncio.Task) -> None:
+        if self._load_task is task:
+            self._load_task = None
 
     @property
     def loading(self) -> bool:
-        return self._load_task is not None and not self._load_task.done()
+        return self._load_task is not None
 
     async def _load(self, source: TableSource, allow_dimension_change: bool) -> EmbeddingTable:
         started = time.perf_counter()
@@ -201,18 +221,10 @@ class TableManager:
         table = None
         try:
             planned = await _in_low_priority_thread(self._check, source, current, allow_dimension_change)
-            try:
-                table = await _in_low_priority_thread(
-                    EmbeddingTable.load, self.settings.shm_dir, planned, generation, self._stopping.is_set
-                )
-            except OSError as exc:  # ENOSPC: another process took the room since the check
-                raise FailedPrecondition(f"shared memory ran out while copying the new table ({exc.strerror}); "
-                                         "the current table keeps serving") from None  # fmt: skip
-            except ValueError as exc:  # the data itself: NaN, a zero vector, duplicate ids
-                raise _source_error(exc, source) from None
-            except LoadCancelled:
-                raise Unavailable("compute is shutting down: the load was stopped; load the table on the next one") from None
+            table = await self._copy(planned, generation, source)
             self._tables[generation] = table
+            if self._stopping.is_set():
+                raise Unavailable(STOPPED)
             try:
                 await self._pool.switch(table.spec)
             except Exception as exc:
@@ -221,6 +233,7 @@ class TableManager:
             if table is not None:  # built, not switched to: it goes
                 self._tables.pop(generation, None)
                 table.unlink()
+                table = None  # and its mapping with it (this frame outlives the call, in the exception)
             self.loads["failed"] += 1
             self._last_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             log.warning("table load failed; the current table serves on", extra={"generation": generation, "error": self._last_error})
@@ -235,6 +248,24 @@ class TableManager:
                    "rows": table.rows, "dim": table.dim, "seconds": round(self._load_seconds, 3)},
         )  # fmt: skip
         return table
+
+    async def _copy(self, planned: TablePlan, generation: int, source: TableSource) -> EmbeddingTable:
+        """The new table, built in the loader thread, or a ComputeError saying why not. The error
+        is raised outside the handler, unchained: a chained one would keep the failed build's
+        frames, and the segments they map, alive."""
+        try:
+            return await _in_low_priority_thread(
+                EmbeddingTable.load, self.settings.shm_dir, planned, generation, self._stopping.is_set
+            )
+        except OSError as exc:  # ENOSPC: another process took the room since the check
+            error: ComputeError = FailedPrecondition(
+                f"shared memory ran out while copying the new table ({exc.strerror}); the current table keeps serving"
+            )
+        except ValueError as exc:  # the data itself: NaN, a zero vector, duplicate ids
+            error = _source_error(exc, source)
+        except LoadCancelled:
+            error = Unavailable(STOPPED)
+        raise error
 
     def _check(self, source: TableSource, current: EmbeddingTable, allow_dimension_change: bool) -> TablePlan:
         """Everything that can be checked before copying (runs in the loader thread: reads the ids)."""
@@ -296,11 +327,14 @@ class TableManager:
         self._on_switch(table)
 
     def _retired(self, spec) -> None:
-        """The pool's workers of an old generation are gone: its segments go too. Compute's own
-        mapping ends with the last call that still holds the old table."""
+        """The pool's workers of an old generation are gone: its segments go too, and compute's
+        own mapping, in a thread: unmapping a gigabyte takes the thread that does it ~80 ms,
+        which must not be the loop's. (A call still holding the old table, e.g. an async
+        operation in flight, unmaps it when it ends.)"""
         table = self._tables.pop(spec.generation, None)
         if table is not None:
-            table.unlink()
+            asyncio.get_running_loop().run_in_executor(None, _release, table)
+            del table  # the executor's work item holds the last reference, dropped in its thread
 
     def status(self) -> TableStatus:
         assert self.table is not None
@@ -346,6 +380,10 @@ class TableManager:
             os.replace(temporary, self.state_path)
         except OSError as exc:  # serving goes on; only a restart would fall back to an older source
             log.error("cannot write the table state file", extra={"path": str(self.state_path), "error": str(exc)})
+
+
+def _release(table: EmbeddingTable) -> None:
+    table.unlink()
 
 
 def _plan_and_load(directory: Path, source: TableSource, generation: int) -> EmbeddingTable:

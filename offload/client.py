@@ -102,17 +102,22 @@ class UnaryMethod:
 
     async def __call__(self, request: Any, *, timeout: float | None = None, ctx: RequestContext | None = None) -> Any:
         """The response message; raises CallError. `timeout` in seconds (None: no deadline)."""
-        return (await self.with_generation(request, timeout=timeout, ctx=ctx, _want_generation=False))[0]
+        return (await self._call(request, timeout, ctx, want_generation=False))[0]
 
     async def with_generation(
-        self, request: Any, *, timeout: float | None = None, ctx: RequestContext | None = None, _want_generation: bool = True
+        self, request: Any, *, timeout: float | None = None, ctx: RequestContext | None = None
     ) -> tuple[Any, int | None]:
         """(the response message, the table generation that answered it: compute's
         `offload-table-generation`; None if compute did not say). Raises CallError."""
+        return await self._call(request, timeout, ctx, want_generation=True)
+
+    async def _call(
+        self, request: Any, timeout: float | None, ctx: RequestContext | None, want_generation: bool
+    ) -> tuple[Any, int | None]:
         channel = self._channel
         batcher = channel._batcher
         if batcher is None or self.path not in channel._batched:
-            return await self._call_plain(request, timeout, ctx, _want_generation)
+            return await self._call_plain(request, timeout, ctx, want_generation)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -125,7 +130,7 @@ class UnaryMethod:
             result = None
         if result is None:  # too big to share an RPC: alone, as a unary call
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            return await self._call_plain(request, remaining, ctx, _want_generation)
+            return await self._call_plain(request, remaining, ctx, want_generation)
         return self._response_cls.FromString(result.response), result.table_generation or None
 
     async def _batched(self, batcher: CallBatcher, payload: bytes, deadline: float | None, ctx: RequestContext | None) -> Any:

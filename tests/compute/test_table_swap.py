@@ -218,6 +218,8 @@ def test_bad_sources_are_refused_before_anything_changes(compute_factory, tables
         cache = stats(compute)
         assert cache.generation == 1 and cache.source.startswith("synthetic(")
 
+    # The refused loads that had begun to copy (NaN, duplicate ids) left nothing mapped either.
+    wait_until(lambda: not mapped_old_segments(compute, 2), 10, message="no mapping of a refused table")
     # The last refusal that reached the loader is the one shown (the last two broke the proto's rules).
     assert stats(compute).last_load_error.startswith("not enough shared memory")
     assert metric_sample(compute.metrics_text(), "offload_compute_table_loads_total", outcome="failed") == 8
