@@ -25,6 +25,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compute.settings import ComputeSettings
+from compute.tables import SHM_HEADROOM_BYTES
 from gateway.client import channel_credentials
 from gateway.settings import GatewaySettings
 from offload import config
@@ -160,7 +161,7 @@ def test_k8s_compute_shm_fits_the_table_and_the_memory_limit():
     shm = volumes[mounts["/dev/shm"]]["emptyDir"]
     assert shm["medium"] == "Memory"
     size = quantity_bytes(shm["sizeLimit"])
-    assert size >= table_bytes(k8s_env(statefulset)) * 1.25, "the table and some headroom"
+    assert size >= table_bytes(k8s_env(statefulset)) * 2 + SHM_HEADROOM_BYTES, "two tables (a hot swap) and LoadTable's headroom"
     # A memory-backed emptyDir counts against the container's memory limit.
     assert quantity_bytes(container(statefulset)["resources"]["limits"]["memory"]) >= size + (128 << 20)
 
@@ -264,7 +265,7 @@ def test_compose_services():
     gateway_env, compute_env = services["gateway"]["environment"], services["compute"]["environment"]
     port = compute_env["OFFLOAD_COMPUTE_ADDRESS"].rsplit(":", 1)[1]
     assert gateway_env["OFFLOAD_GATEWAY_COMPUTE_ADDRESS"] == f"dns:///compute:{port}"
-    assert quantity_bytes(services["compute"]["shm_size"]) >= table_bytes(compute_env) * 1.25
+    assert quantity_bytes(services["compute"]["shm_size"]) >= table_bytes(compute_env) * 2 + SHM_HEADROOM_BYTES
     grace = float(compute_env.get("OFFLOAD_COMPUTE_DRAIN_GRACE_SECONDS", setting_default(ComputeSettings, "drain_grace_seconds")))
     assert seconds(services["compute"]["stop_grace_period"]) > grace
     assert seconds(services["gateway"]["stop_grace_period"]) > setting_default(GatewaySettings, "graceful_shutdown_seconds")
