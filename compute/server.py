@@ -48,7 +48,6 @@ from offload.v1 import http_options_pb2
 log = logging.getLogger("compute.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-REFUSE_BEFORE_STOP_SECONDS = 0.25  # see stop()
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -218,10 +217,6 @@ class ComputeServer:
         if self.tables is not None:
             await self.tables.stop_loading()  # a load under way stops and removes its segments
         if self._server is not None:
-            # Calls already on their way are answered UNAVAILABLE by the call path (retry
-            # elsewhere) for a moment: once the gRPC server stops, one that reached grpc but not
-            # yet its handler is cancelled instead (CANCELLED, which clients do not retry).
-            await asyncio.sleep(REFUSE_BEFORE_STOP_SECONDS)
             # New calls are refused at once; in-flight calls get `grace` seconds.
             await self._server.stop(grace)
         if self._health_server is not None:
