@@ -374,7 +374,10 @@ def test_health_goes_serving_after_load_and_not_serving_on_drain(compute_factory
     assert in_flight.running(), "the in-flight Spin should still be running"
     with pytest.raises(grpc.RpcError) as info:
         stub_testing(compute).Spin(testing_pb2.SpinRequest(seconds=0), metadata=rid("after-sigterm"), timeout=5)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Refused, never run (checked below): UNAVAILABLE from compute's call path, or CANCELLED when
+    # the call reached grpc just as its server stopped, before any handler (grpc's own answer;
+    # seen about once in six fresh-clone runs on this machine).
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert in_flight.result(timeout=15).finished
     assert compute.proc.wait(30) == 0
     assert records(compute, "spin started", request_id="after-sigterm") == []
