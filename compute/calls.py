@@ -104,8 +104,7 @@ class CallPath:
             self.by_path[bound.path] = bound
         self._live: Runtime | None = None  # streaming operations read the table served now
         self._runtime: Runtime | None = None  # a unary call keeps the snapshot it started with
-        # The table generation new calls run on, and as the trailer that names it sends it.
-        self.generation = 0
+        # The table generation new calls run on, formatted once per switch for the trailer that names it.
         self.generation_text = ""
         self._counters: dict[tuple[str, str], Any] = {}
         # Request ids of the calls being served, for the heartbeat's stall report.
@@ -123,8 +122,12 @@ class CallPath:
         flight keep the snapshot they captured; nothing else changes for them."""
         assert self._live is not None
         self._runtime = self._live.snapshot()
-        self.generation = self._live.table.spec.generation
         self.generation_text = str(self.generation)
+
+    @property
+    def generation(self) -> int:
+        """The table generation new calls run on (0 before `activate`: none yet)."""
+        return 0 if self._runtime is None else self._runtime.table.spec.generation
 
     def service_names(self) -> list[str]:
         return sorted({b.method.containing_service.full_name for b in self.by_path.values()})

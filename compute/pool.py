@@ -54,12 +54,11 @@ __all__ = ["GenerationRetired", "HealingPool", "Lane", "PoolStats", "BatchingSta
 log = logging.getLogger("compute.pool")
 
 NOT_STARTED = "the deadline passed while queued; the work was not started"
+PASSED_WHILE_RUNNING = "the deadline passed while the work was running"
 
 
 class GenerationRetired(Unavailable):
     """The call named a table generation that was replaced (and has no workers any more)."""
-
-PASSED_WHILE_RUNNING = "the deadline passed while the work was running"
 
 
 @dataclass(slots=True)
@@ -228,30 +227,11 @@ class HealingPool:
         log.info("table generation retired", extra={"generation": generation.spec.generation})
         self.on_retired(generation.spec)
 
-    async def retired(self) -> None:
-        """Wait until every old generation has retired (for tests and benchmarks)."""
-        while len(self._generations) > 1 or self._retiring:
-            await asyncio.sleep(0.02)
-
     # -- state -----------------------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
         return self._current.supervisor.healthy
-
-    @property
-    def generation(self) -> int:
-        """The table generation new calls run on."""
-        return self._current.spec.generation
-
-    @property
-    def segments(self) -> list[tuple[int, int]]:
-        """The current generation's scan segments (row ranges)."""
-        return self._current.segments
-
-    def generations(self) -> list[int]:
-        """Generations with workers: the current one, and old ones still finishing calls."""
-        return sorted(self._generations)
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -297,7 +277,7 @@ class HealingPool:
         """
         table = self._current if generation is None else self._generations.get(generation)
         if table is None or table.retiring:
-            raise GenerationRetired(f"table generation {generation} was replaced by {self.generation}; retry")
+            raise GenerationRetired(f"table generation {generation} was replaced by {self._current.spec.generation}; retry")
         if not table.supervisor.healthy:
             raise Unavailable(RESTARTING)
         interactive = lane is Lane.INTERACTIVE

@@ -333,8 +333,8 @@ class TableManager:
         operation in flight, unmaps it when it ends.)"""
         table = self._tables.pop(spec.generation, None)
         if table is not None:
-            asyncio.get_running_loop().run_in_executor(None, _release, table)
-            del table  # the executor's work item holds the last reference, dropped in its thread
+            asyncio.get_running_loop().run_in_executor(None, table.unlink)
+            del table  # the executor's work item holds the last reference (the bound method), dropped in its thread
 
     def status(self) -> TableStatus:
         assert self.table is not None
@@ -380,10 +380,6 @@ class TableManager:
             os.replace(temporary, self.state_path)
         except OSError as exc:  # serving goes on; only a restart would fall back to an older source
             log.error("cannot write the table state file", extra={"path": str(self.state_path), "error": str(exc)})
-
-
-def _release(table: EmbeddingTable) -> None:
-    table.unlink()
 
 
 def _plan_and_load(directory: Path, source: TableSource, generation: int) -> EmbeddingTable:
